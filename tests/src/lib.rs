@@ -1,0 +1,1 @@
+//! Test fixtures for splitvmm: lanes that boot real guests and report what they saw.

@@ -1,0 +1,1 @@
+//! splitvmm: CPU and memory virtualization through KVM.
