@@ -1,0 +1,320 @@
+//! The command line of `splitvmm` and its validation into a [`VmConfig`].
+//!
+//! Everything that can be checked without touching KVM is checked here, so bad input is
+//! refused with one clear line before any VM exists. Limits that depend on the host's KVM
+//! (its maximum vCPU count) are checked again when the VM is built.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use splitvmm_common::size::{parse_size, SizeError};
+use thiserror::Error;
+
+/// Smallest guest RAM we accept: the Debian cloud kernel with an initramfs needs about this much.
+pub const MIN_MEMORY: u64 = 128 << 20;
+/// Upper bound on vCPUs regardless of KVM: APIC IDs 0..=253 fit the xAPIC MADT entries we build
+/// and 255 is the broadcast ID.
+pub const MAX_VCPUS: u8 = 254;
+/// Used when `--cmdline` is not given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "splitvmm",
+    version,
+    about = "A split-process VMM: CPU and memory through KVM, every device a vhost-user backend"
+)]
+pub struct Args {
+    /// Guest kernel: a bzImage, or an ELF vmlinux (booted through its PVH entry when it has one).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial ramdisk handed to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Guest RAM, e.g. 512M or 2G (from 128M up to the host's MemTotal).
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    pub memory: String,
+    /// Number of vCPUs (1 to the smaller of KVM's limit and 254).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u16,
+}
+
+/// The image formats the loader accepts, recognised from their magic bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    BzImage,
+    Elf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub kernel_format: KernelFormat,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub memory_bytes: u64,
+    pub vcpus: u8,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read kernel {path}: {source}")]
+    KernelUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("kernel {0} is neither a bzImage nor an ELF vmlinux")]
+    NotAKernel(PathBuf),
+    #[error("cannot read initrd {path}: {source}")]
+    InitrdUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--memory: {0}")]
+    MemorySyntax(#[from] SizeError),
+    #[error("--memory {requested} is below the minimum of {minimum} MiB")]
+    MemoryTooSmall { requested: String, minimum: u64 },
+    #[error("--memory {requested} is more than this host's {host_mib} MiB of RAM")]
+    MemoryTooLarge { requested: String, host_mib: u64 },
+    #[error("--memory {0} is not a multiple of 4 KiB")]
+    MemoryUnaligned(String),
+    #[error("cannot read the host's MemTotal from /proc/meminfo")]
+    HostMemoryUnknown,
+    #[error("--vcpus {requested} is out of range: 1 to {maximum}")]
+    VcpusOutOfRange { requested: u16, maximum: u8 },
+    #[error("--cmdline must not contain a NUL byte")]
+    CmdlineHasNul,
+}
+
+impl TryFrom<Args> for VmConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, Self::Error> {
+        Self::validate(args, host_memory_bytes()?)
+    }
+}
+
+impl VmConfig {
+    /// Validates `args` against a host with `host_memory` bytes of RAM.
+    pub fn validate(args: Args, host_memory: u64) -> Result<Self, ConfigError> {
+        let kernel_format = detect_kernel_format(&args.kernel)?;
+        if let Some(initrd) = &args.initrd {
+            File::open(initrd)
+                .and_then(|file| file.metadata())
+                .and_then(|meta| {
+                    if meta.is_file() {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::other("not a regular file"))
+                    }
+                })
+                .map_err(|source| ConfigError::InitrdUnreadable {
+                    path: initrd.clone(),
+                    source,
+                })?;
+        }
+        let memory_bytes = parse_size(&args.memory)?;
+        if memory_bytes < MIN_MEMORY {
+            return Err(ConfigError::MemoryTooSmall {
+                requested: args.memory,
+                minimum: MIN_MEMORY >> 20,
+            });
+        }
+        if memory_bytes > host_memory {
+            return Err(ConfigError::MemoryTooLarge {
+                requested: args.memory,
+                host_mib: host_memory >> 20,
+            });
+        }
+        if memory_bytes % 4096 != 0 {
+            return Err(ConfigError::MemoryUnaligned(args.memory));
+        }
+        let vcpus = u8::try_from(args.vcpus)
+            .ok()
+            .filter(|count| (1..=MAX_VCPUS).contains(count))
+            .ok_or(ConfigError::VcpusOutOfRange {
+                requested: args.vcpus,
+                maximum: MAX_VCPUS,
+            })?;
+        if args.cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineHasNul);
+        }
+        Ok(VmConfig {
+            kernel: args.kernel,
+            kernel_format,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+            memory_bytes,
+            vcpus,
+        })
+    }
+}
+
+/// Recognises a bzImage by its setup header magic ("HdrS" at 0x202) and an ELF by `\x7fELF`.
+pub fn detect_kernel_format(path: &Path) -> Result<KernelFormat, ConfigError> {
+    let unreadable = |source| ConfigError::KernelUnreadable {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(unreadable)?;
+    if !file.metadata().map_err(unreadable)?.is_file() {
+        return Err(unreadable(std::io::Error::other("not a regular file")));
+    }
+    let mut head = [0u8; 0x206];
+    let mut filled = 0;
+    while filled < head.len() {
+        match file.read(&mut head[filled..]).map_err(unreadable)? {
+            0 => break,
+            count => filled += count,
+        }
+    }
+    if filled >= 4 && head[..4] == *b"\x7fELF" {
+        Ok(KernelFormat::Elf)
+    } else if filled == head.len() && head[0x202..0x206] == *b"HdrS" {
+        Ok(KernelFormat::BzImage)
+    } else {
+        Err(ConfigError::NotAKernel(path.to_path_buf()))
+    }
+}
+
+fn host_memory_bytes() -> Result<u64, ConfigError> {
+    let meminfo =
+        std::fs::read_to_string("/proc/meminfo").map_err(|_| ConfigError::HostMemoryUnknown)?;
+    parse_mem_total(&meminfo).ok_or(ConfigError::HostMemoryUnknown)
+}
+
+fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|line| line.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const HOST: u64 = 8 << 30;
+
+    fn temp_file(name: &str, contents: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("splitvmm-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(contents)
+            .unwrap();
+        path
+    }
+
+    /// Each test gets its own file: tests run in parallel and a shared file could be read
+    /// while another test rewrites it.
+    fn bzimage(test: &str) -> PathBuf {
+        let mut image = vec![0u8; 0x400];
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        temp_file(&format!("bzImage-{test}"), &image)
+    }
+
+    fn args(kernel: PathBuf) -> Args {
+        Args::try_parse_from(["splitvmm", "--kernel", kernel.to_str().unwrap()]).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = VmConfig::validate(args(bzimage("defaults_are_valid")), HOST).unwrap();
+        assert_eq!(config.kernel_format, KernelFormat::BzImage);
+        assert_eq!(config.memory_bytes, 512 << 20);
+        assert_eq!(config.vcpus, 1);
+        assert_eq!(config.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn recognises_elf() {
+        let elf = temp_file("vmlinux", b"\x7fELF\x02\x01\x01rest-of-header");
+        let config = VmConfig::validate(args(elf), HOST).unwrap();
+        assert_eq!(config.kernel_format, KernelFormat::Elf);
+    }
+
+    #[test]
+    fn refuses_non_kernel_and_missing_files() {
+        let text = temp_file("notes.txt", b"hello, this is not a kernel");
+        assert!(matches!(
+            VmConfig::validate(args(text), HOST),
+            Err(ConfigError::NotAKernel(_))
+        ));
+        let missing = PathBuf::from("/nonexistent/vmlinuz");
+        let err = VmConfig::validate(args(missing), HOST).unwrap_err();
+        assert!(matches!(err, ConfigError::KernelUnreadable { .. }));
+        assert!(err.to_string().contains("/nonexistent/vmlinuz"));
+        let directory = std::env::temp_dir();
+        assert!(matches!(
+            VmConfig::validate(args(directory), HOST),
+            Err(ConfigError::KernelUnreadable { .. })
+        ));
+    }
+
+    #[test]
+    fn memory_bounds() {
+        let kernel = bzimage("memory_bounds");
+        let with_memory = |memory: &str| {
+            let mut a = args(kernel.clone());
+            a.memory = memory.to_string();
+            VmConfig::validate(a, HOST)
+        };
+        assert_eq!(with_memory("128M").unwrap().memory_bytes, 128 << 20);
+        assert_eq!(with_memory("8G").unwrap().memory_bytes, 8 << 30);
+        assert!(matches!(
+            with_memory("127M"),
+            Err(ConfigError::MemoryTooSmall { .. })
+        ));
+        let err = with_memory("9G").unwrap_err();
+        assert!(matches!(err, ConfigError::MemoryTooLarge { .. }));
+        assert!(err.to_string().contains("8192 MiB"));
+        assert!(matches!(
+            with_memory("lots"),
+            Err(ConfigError::MemorySyntax(_))
+        ));
+        assert!(matches!(
+            with_memory("134217729"),
+            Err(ConfigError::MemoryUnaligned(_))
+        ));
+    }
+
+    #[test]
+    fn vcpu_bounds() {
+        let kernel = bzimage("vcpu_bounds");
+        let with_vcpus = |vcpus: u16| {
+            let mut a = args(kernel.clone());
+            a.vcpus = vcpus;
+            VmConfig::validate(a, HOST)
+        };
+        assert_eq!(with_vcpus(1).unwrap().vcpus, 1);
+        assert_eq!(with_vcpus(254).unwrap().vcpus, 254);
+        for bad in [0, 255, 256, 1000] {
+            assert!(matches!(
+                with_vcpus(bad),
+                Err(ConfigError::VcpusOutOfRange { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn missing_initrd_is_named() {
+        let mut a = args(bzimage("missing_initrd_is_named"));
+        a.initrd = Some(PathBuf::from("/nonexistent/initrd.gz"));
+        let err = VmConfig::validate(a, HOST).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/initrd.gz"));
+    }
+
+    #[test]
+    fn meminfo_parsing() {
+        let sample = "MemTotal:       24579116 kB\nMemFree:        1000 kB\n";
+        assert_eq!(parse_mem_total(sample), Some(24579116 * 1024));
+        assert_eq!(parse_mem_total("nothing here"), None);
+    }
+}
