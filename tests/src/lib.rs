@@ -1,1 +1,3 @@
 //! Test fixtures for splitvmm: lanes that boot real guests and report what they saw.
+
+pub mod lane;

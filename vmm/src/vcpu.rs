@@ -48,7 +48,6 @@ pub enum VcpuError {
 /// KVM's paravirtual leaves (and so before it uses kvmclock).
 const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
 
-const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
@@ -90,6 +89,8 @@ pub fn vcpu_cpuid(supported: &CpuId, index: u8) -> CpuId {
     cpuid
 }
 
+/// The TSC is deliberately absent: KVM starts every vCPU's TSC in step when it creates it, and a
+/// later write of 0 to each vCPU, one after another, can leave their TSCs apart.
 fn boot_msrs() -> Vec<kvm_msr_entry> {
     [
         (MSR_IA32_SYSENTER_CS, 0),
@@ -100,7 +101,6 @@ fn boot_msrs() -> Vec<kvm_msr_entry> {
         (MSR_KERNEL_GS_BASE, 0),
         (MSR_SYSCALL_MASK, 0),
         (MSR_LSTAR, 0),
-        (MSR_IA32_TSC, 0),
         (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK_DEFAULT),
     ]
