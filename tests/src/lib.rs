@@ -1,3 +1,4 @@
 //! Test fixtures for splitvmm: lanes that boot real guests and report what they saw.
 
+pub mod bench;
 pub mod lane;

@@ -149,6 +149,7 @@ pub fn run_machine(
         });
     }
 
+    log::debug!("creating the VM");
     let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
     let platform = |what| move |source| VmError::Platform { what, source };
     vm.set_tss_address(KVM_TSS_ADDRESS)
@@ -163,6 +164,7 @@ pub fn run_machine(
     })
     .map_err(platform("the in-kernel PIT"))?;
 
+    log::debug!("mapping {} MiB of guest RAM", machine.memory_bytes >> 20);
     let ram = GuestRam::new(machine.memory_bytes)?;
     register_ram(&vm, &ram)?;
     let entry = match payload {
@@ -192,6 +194,7 @@ pub fn run_machine(
     let pio = Arc::new(pio);
     let mmio = Arc::new(Bus::default());
 
+    log::debug!("creating {} vCPUs", machine.vcpus);
     let vcpus = (0..machine.vcpus)
         .map(|index| Vcpu::new(&kvm, &vm, index, &ram.memory, entry))
         .collect::<Result<Vec<_>, _>>()?;
@@ -212,6 +215,7 @@ pub fn run_machine(
         }
     }
     drop(events);
+    log::debug!("vCPUs running");
     let outcome = wait_for_guest(&event_receiver);
     // vCPUs must be out of KVM_RUN before guest RAM is unmapped when `ram` drops.
     stop_vcpus(&stop, threads);

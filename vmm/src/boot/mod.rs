@@ -159,6 +159,18 @@ pub fn load_guest(config: &VmConfig, ram: &GuestRam) -> Result<EntryPoint, BootE
         None => None,
     };
 
+    match entry {
+        EntryPoint::Linux64 { entry } => {
+            log::info!(
+                "entering the kernel through the 64-bit boot protocol at {:#x}",
+                entry.0
+            )
+        }
+        EntryPoint::Pvh { entry } => {
+            log::info!("entering the kernel through PVH at {:#x}", entry.0)
+        }
+        EntryPoint::RealMode { .. } => {}
+    }
     let rsdp = acpi::create_acpi_tables(
         memory,
         &acpi::AcpiConfig {
