@@ -2,3 +2,4 @@
 
 pub mod bench;
 pub mod lane;
+pub mod vhost;

@@ -1,6 +1,39 @@
-//! splitvmm-blk: the vhost-user blk backend. Not implemented yet; see the issue tracker.
+//! `splitvmm-blk`: parse the command line, serve the image until SIGTERM/SIGINT.
+//!
+//! Exit status: 0 after SIGTERM/SIGINT, 2 for a bad command line, 1 when the backend cannot run
+//! (image not openable, socket in use, ...). Failures print one line on stderr.
+
+use clap::Parser;
+use splitvmm_blk::config::{one_line_clap_error, Args, Config};
+use splitvmm_blk::{run, EXIT_RUN_ERROR, EXIT_USAGE};
 
 fn main() {
-    eprintln!("splitvmm-blk: not implemented yet");
-    std::process::exit(2);
+    splitvmm_common::logging::init("splitvmm-blk");
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(error) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                error.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) {
+                // Help and version text go to stdout with status 0.
+                let _ = error.print();
+                std::process::exit(0);
+            }
+            eprintln!("splitvmm-blk: {}", one_line_clap_error(&error));
+            std::process::exit(EXIT_USAGE);
+        }
+    };
+    let config = match Config::try_from(args) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("splitvmm-blk: {error}");
+            std::process::exit(EXIT_USAGE);
+        }
+    };
+    if let Err(error) = run(config) {
+        eprintln!("splitvmm-blk: {error}");
+        std::process::exit(EXIT_RUN_ERROR);
+    }
 }

@@ -1,0 +1,311 @@
+//! The vhost-user glue: one [`BlkSession`] per frontend connection, implementing the backend
+//! crate's `VhostUserBackend` (features, config space, and the per-queue event handler).
+//!
+//! Each queue has its own worker thread (`queues_per_thread` maps queue i to thread i) and its
+//! own [`QueueWorker`] behind a mutex only that thread takes, so no lock is shared between
+//! queues on the I/O path.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::config_space::{self, ConfigSpace};
+use crate::disk::Disk;
+use crate::request::Limits;
+use crate::worker::{QueueStats, QueueWorker};
+use crate::GuestMem;
+
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMem>>;
+
+/// What every session of one daemon shares: the image and the command-line settings.
+#[derive(Debug, Clone)]
+pub struct DeviceSettings {
+    pub disk: Arc<Disk>,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub serial: Arc<[u8]>,
+}
+
+/// The state of one frontend connection. Dropped (with its vrings, mappings and worker threads,
+/// which the backend crate owns) when the frontend goes away; the next frontend gets a new one.
+pub struct BlkSession {
+    settings: DeviceSettings,
+    mem: GuestMemoryAtomic<GuestMem>,
+    config: ConfigSpace,
+    acked_features: AtomicU64,
+    event_idx: AtomicBool,
+    stopping: AtomicBool,
+    workers: Vec<Mutex<QueueWorker>>,
+    /// One exit event per worker thread, made up front so that failing to make one fails the
+    /// session (the crate cannot stop a worker that has none); handed out by `exit_event`.
+    exit_events: Mutex<Vec<Option<(EventConsumer, EventNotifier)>>>,
+    /// Read ends of the exit events handed out, which the backend crate leaks (see
+    /// `release_exit_fds`).
+    exit_fds: Mutex<Vec<RawFd>>,
+}
+
+impl BlkSession {
+    /// `mem` must be the same `GuestMemoryAtomic` handed to the daemon: the crate swaps new
+    /// mappings into it, and the workers read it without a lock.
+    pub fn new(settings: DeviceSettings, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<Self> {
+        let exit_events = (0..settings.num_queues)
+            .map(|_| {
+                new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).map(Some)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let workers = (0..settings.num_queues)
+            .map(|q| {
+                Mutex::new(QueueWorker::new(
+                    q,
+                    settings.disk.clone(),
+                    settings.serial.clone(),
+                ))
+            })
+            .collect();
+        Ok(BlkSession {
+            config: ConfigSpace::new(&settings),
+            settings,
+            mem,
+            acked_features: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            workers,
+            exit_events: Mutex::new(exit_events),
+            exit_fds: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Makes the workers stop taking new requests (the current one finishes).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Per-queue counters.
+    pub fn stats(&self) -> Vec<QueueStats> {
+        self.workers
+            .iter()
+            .map(|w| w.lock().unwrap_or_else(PoisonError::into_inner).stats())
+            .collect()
+    }
+
+    /// Closes the exit-event descriptors the backend crate leaked. Call only after the daemon
+    /// that used this session has been dropped (its worker threads are joined by then).
+    pub fn release_exit_fds(&self) {
+        let mut fds = self.exit_fds.lock().unwrap_or_else(PoisonError::into_inner);
+        for fd in fds.drain(..) {
+            // Guard against a future crate version that closes the descriptor itself: only
+            // close what is still an eventfd.
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}"));
+            if !matches!(&link, Ok(target) if target.as_os_str() == "anon_inode:[eventfd]") {
+                log::debug!("exit event fd {fd} is no longer ours ({link:?}); leaving it");
+                continue;
+            }
+            // SAFETY: vhost-user-backend 0.24 (VringEpollHandler::new) turns the EventConsumer
+            // we returned from exit_event() into a raw fd, registers it with its epoll and never
+            // closes it. Its worker threads have been joined and its epoll handlers dropped, so
+            // nothing uses the descriptor any more; closing it once here ends the leak.
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        let acked = self.acked_features.load(Ordering::Relaxed);
+        let disk = &self.settings.disk;
+        Limits {
+            capacity_sectors: disk.capacity_sectors(),
+            readonly: disk.readonly(),
+            discard: acked & (1 << VIRTIO_BLK_F_DISCARD) != 0,
+            write_zeroes: acked & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+            max_discard_sectors: config_space::MAX_DISCARD_SECTORS,
+            max_discard_seg: config_space::MAX_DISCARD_SEG,
+            max_write_zeroes_sectors: config_space::MAX_WRITE_ZEROES_SECTORS,
+            max_write_zeroes_seg: config_space::MAX_WRITE_ZEROES_SEG,
+        }
+    }
+
+    /// Serves one queue until it is empty (with EVENT_IDX: until no new request arrived while
+    /// notifications were re-enabled), signalling the frontend as the ring asks.
+    fn serve_queue(&self, vring: &Vring, queue_index: usize) {
+        let Some(worker) = self.workers.get(queue_index) else {
+            log::warn!("event for queue {queue_index}, which does not exist");
+            return;
+        };
+        let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
+        let limits = self.limits();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mem = self.mem.memory();
+        loop {
+            // Taken per batch, so that the control thread (GET_VRING_BASE) gets a turn even
+            // while the guest keeps the queue busy.
+            let mut state = vring.get_mut();
+            if event_idx {
+                if let Err(e) = state.disable_notification() {
+                    log::warn!("queue {queue_index}: cannot disable notifications: {e}");
+                }
+            }
+            let used = worker.process(state.get_queue_mut(), &mem, &limits, &self.stopping);
+            if used > 0 {
+                let notify = state.needs_notification().unwrap_or_else(|e| {
+                    log::warn!("queue {queue_index}: cannot read used_event: {e}");
+                    true
+                });
+                if notify {
+                    if let Err(e) = state.signal_used_queue() {
+                        log::warn!("queue {queue_index}: cannot signal the frontend: {e}");
+                    }
+                }
+            }
+            if !event_idx || self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            match state.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    log::warn!("queue {queue_index}: cannot enable notifications: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The virtio features offered.
+pub fn device_features(readonly: bool) -> u64 {
+    let mut features = 1 << VIRTIO_F_VERSION_1
+        | 1 << VIRTIO_RING_F_EVENT_IDX
+        | 1 << VIRTIO_RING_F_INDIRECT_DESC
+        | 1 << VIRTIO_BLK_F_SEG_MAX
+        | 1 << VIRTIO_BLK_F_BLK_SIZE
+        | 1 << VIRTIO_BLK_F_FLUSH
+        | 1 << VIRTIO_BLK_F_MQ
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    if readonly {
+        features |= 1 << VIRTIO_BLK_F_RO;
+    } else {
+        features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+    }
+    features
+}
+
+/// The vhost-user protocol features offered.
+///
+/// TODO(issue 3): INFLIGHT_SHMFD, with backend-side in-flight tracking as the vhost-user spec's
+/// "Inflight I/O tracking" section describes, so a restarted backend can resubmit what was in
+/// flight. vhost-user-backend 0.24 answers GET_INFLIGHT_FD / SET_INFLIGHT_FD with "not
+/// supported" (VhostUserHandler::get_inflight_fd), so this needs our own handling of those two
+/// messages (wrapping the crate's request handler) before the bit can be offered.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+impl VhostUserBackend for BlkSession {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.settings.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.settings.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        device_features(self.settings.disk.readonly())
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config.read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Nothing in our config space is writable (no CONFIG_WCE). Failing here would make the
+        // crate drop the connection, so the write is ignored, as the spec allows for read-only
+        // fields.
+        log::debug!(
+            "ignoring a {}-byte config write at offset {offset}",
+            buf.len()
+        );
+        Ok(())
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
+        // The crate swapped the new mappings into the GuestMemoryAtomic we share with it.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // Queue i on worker thread i; MAX_QUEUES (64) keeps the shift in range.
+        (0..self.settings.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let event = self
+            .exit_events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(thread_index)
+            .and_then(Option::take);
+        match &event {
+            Some((consumer, _)) => self
+                .exit_fds
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(consumer.as_raw_fd()),
+            None => log::error!("no exit event for worker {thread_index}"),
+        }
+        event
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if !evset.contains(EventSet::IN) {
+            log::warn!("unexpected event set {evset:?} on queue {thread_id}");
+            return Ok(());
+        }
+        // Each thread serves one queue, so its vring list has one entry (device_event 0) and the
+        // thread index is the queue index.
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            log::warn!("event {device_event} on worker {thread_id} has no vring");
+            return Ok(());
+        };
+        self.serve_queue(vring, thread_id);
+        Ok(())
+    }
+}
