@@ -166,8 +166,12 @@ for method in k a t panic; do
     else
         cmdline="$CMDLINE reboot=$method"
     fi
-    "$SPLITVMM" --kernel "$KERNEL" --initrd "$INITRD" --cmdline "$cmdline" --memory 256M
+    "$SPLITVMM" --kernel "$KERNEL" --initrd "$INITRD" --cmdline "$cmdline" --memory 256M \
+        2>"$PAYLOAD/stderr.$method"
     echo "SPLITVMM-RESULT exit_$method=$?"
+    cat "$PAYLOAD/stderr.$method"
+    cause=$(grep -E 'i8042|ACPI reset|triple' "$PAYLOAD/stderr.$method" | head -n1 | sed 's/.*info: //' | tr ' ' _)
+    echo "SPLITVMM-RESULT cause_$method=$cause"
 done
 "#;
 
@@ -185,15 +189,22 @@ fn every_reset_path_exits_3() -> Result<(), LaneError> {
         .timeout(Duration::from_secs(300));
     let outcome = lane::run(&scenario)?;
     eprintln!("{}", outcome.summary());
-    for (method, what) in [
-        ("k", "i8042 reset line"),
-        ("a", "ACPI reset register"),
-        ("t", "triple fault"),
-        ("panic", "panic=1 after a kernel panic"),
+    // The reboot method, what splitvmm must log as the cause, and what it is.
+    for (method, cause, what) in [
+        ("k", "i8042", "i8042 reset line"),
+        ("a", "ACPI_reset_register", "ACPI reset register"),
+        ("t", "triple-faulted", "triple fault"),
+        ("panic", "i8042", "panic=1 after a kernel panic (reboot=k)"),
     ] {
         let code: i32 = outcome.parsed(&format!("exit_{method}"))?;
         if code != 3 {
             return Err(outcome.failure(format!("{what}: splitvmm exited {code}, want 3")));
+        }
+        let logged = outcome.result(&format!("cause_{method}")).unwrap_or("");
+        if !logged.contains(cause) {
+            return Err(outcome.failure(format!(
+                "{what}: splitvmm logged the cause {logged:?}, want one naming {cause}"
+            )));
         }
     }
     Ok(())

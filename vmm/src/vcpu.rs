@@ -231,11 +231,15 @@ impl Vcpu {
                     mmio.write(address, data);
                     None
                 }
-                Ok(VcpuExit::Shutdown) => Some(VmEvent::Exit(GuestExit::Reset)), // triple fault
+                Ok(VcpuExit::Shutdown) => {
+                    log::info!("vCPU {index} triple-faulted: the guest resets");
+                    Some(VmEvent::Exit(GuestExit::Reset))
+                }
                 Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
                     Some(VmEvent::Exit(GuestExit::PowerOff))
                 }
                 Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => {
+                    log::info!("vCPU {index}: KVM reported a system reset");
                     Some(VmEvent::Exit(GuestExit::Reset))
                 }
                 Ok(VcpuExit::Intr) => None,

@@ -17,6 +17,9 @@ pub enum BenchError {
     /// Bad command line; the text includes the usage.
     #[error("{0}")]
     Usage(String),
+    /// `--help`: the usage, asked for.
+    #[error("{0}")]
+    Help(String),
     /// Something the benchmark needs is not there.
     #[error("{0}")]
     Setup(String),

@@ -743,9 +743,8 @@ Anonymous:            12 kB
         assert!(report.init < report.exit);
         assert_eq!(report.uptime_line.map(|(_, s)| s), Some(1.25));
         assert_eq!(report.nproc, Some(2));
-        assert!(report
-            .poweroff
-            .is_some_and(|p| p >= report.init && p <= report.exit));
+        // (Lines are stamped when read, so with a fake this quick the exit may come first.)
+        assert!(report.poweroff.is_some_and(|p| p >= report.init));
         assert!(report.mem.ram_mappings >= 1 && report.mem.rss_kib > report.mem.ram_kib);
         let line = report.render();
         assert!(line.starts_with("ok init_us="), "{line}");

@@ -46,9 +46,9 @@ pub fn num(v: Option<f64>, decimals: usize) -> String {
 }
 
 /// A left-aligned first column and right-aligned others, each as wide as its widest cell.
-pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub fn table<S: AsRef<str>>(header: &[S], rows: &[Vec<String>]) -> String {
     let cols = header.len();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.as_ref().chars().count()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate().take(cols) {
             widths[i] = widths[i].max(cell.chars().count());
@@ -69,7 +69,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         }
         out.trim_end().to_owned()
     };
-    let mut out = line(&mut header.iter().copied());
+    let mut out = line(&mut header.iter().map(AsRef::as_ref));
     out.push('\n');
     let total: usize = widths.iter().sum::<usize>() + 2 * cols.saturating_sub(1);
     out.push_str(&"-".repeat(total));

@@ -48,6 +48,10 @@ fn exit(ok: bool) -> ExitCode {
 
 fn fail(error: &BenchError) -> ExitCode {
     match error {
+        BenchError::Help(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
         BenchError::Usage(text) => {
             eprintln!("{text}");
             ExitCode::from(2)

@@ -32,6 +32,7 @@ impl BusDevice for I8042 {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == COMMAND_OFFSET && data.first() == Some(&CMD_PULSE_RESET) {
+            log::info!("the guest pulsed the i8042 reset line");
             // The receiver lives as long as the VM; if it is gone the VMM is exiting anyway.
             let _ = self.events.send(VmEvent::Exit(GuestExit::Reset));
         }

@@ -30,6 +30,7 @@ impl BusDevice for AcpiPowerDevice {
             return;
         };
         let exit = if value == ACPI_RESET_VALUE {
+            log::info!("the guest wrote the ACPI reset register");
             Some(GuestExit::Reset)
         } else {
             decode_sleep_control(value).map(|SleepRequest::PowerOff| GuestExit::PowerOff)
