@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -26,6 +26,7 @@ use vmm_sys_util::event::{
 
 use crate::config_space::{self, ConfigSpace};
 use crate::disk::Disk;
+use crate::io::EngineKind;
 use crate::request::Limits;
 use crate::worker::{QueueStats, QueueWorker};
 use crate::GuestMem;
@@ -39,6 +40,8 @@ pub struct DeviceSettings {
     pub num_queues: u16,
     pub queue_size: u16,
     pub serial: Arc<[u8]>,
+    /// The I/O engine of every queue worker (already checked to be usable).
+    pub engine: EngineKind,
 }
 
 /// The state of one frontend connection. Dropped (with its vrings, mappings and worker threads,
@@ -51,6 +54,10 @@ pub struct BlkSession {
     event_idx: AtomicBool,
     stopping: AtomicBool,
     workers: Vec<Mutex<QueueWorker>>,
+    /// Each queue's vring as the crate handed it to the worker thread, kept so that
+    /// `stop_vring` (GET_VRING_BASE, on the control thread) can publish requests still in
+    /// flight on the io_uring before the frontend reads the ring's base.
+    vrings: Vec<Mutex<Option<Vring>>>,
     /// One exit event per worker thread, made up front so that failing to make one fails the
     /// session (the crate cannot stop a worker that has none); handed out by `exit_event`.
     exit_events: Mutex<Vec<Option<(EventConsumer, EventNotifier)>>>,
@@ -70,13 +77,16 @@ impl BlkSession {
             .collect::<io::Result<Vec<_>>>()?;
         let workers = (0..settings.num_queues)
             .map(|q| {
-                Mutex::new(QueueWorker::new(
+                Mutex::new(QueueWorker::with_engine(
                     q,
                     settings.disk.clone(),
                     settings.serial.clone(),
+                    settings.engine,
+                    u32::from(settings.queue_size),
                 ))
             })
             .collect();
+        let vrings = (0..settings.num_queues).map(|_| Mutex::new(None)).collect();
         Ok(BlkSession {
             config: ConfigSpace::new(&settings),
             settings,
@@ -85,9 +95,35 @@ impl BlkSession {
             event_idx: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             workers,
+            vrings,
             exit_events: Mutex::new(exit_events),
             exit_fds: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The epoll `device_event` of a worker's io_uring completion eventfd: the crate reserves
+    /// 0..=num_queues (queues, then the exit event), so the first free number.
+    fn completion_event(&self) -> u16 {
+        self.settings.num_queues + 1
+    }
+
+    /// Adds each io_uring worker's completion eventfd to its worker thread's epoll (thread i
+    /// serves queue i). Call once, after the daemon made its handlers and before it starts.
+    pub fn register_completion_fds(
+        &self,
+        handlers: &[Arc<VringEpollHandler<Arc<BlkSession>>>],
+    ) -> io::Result<()> {
+        for (thread, handler) in handlers.iter().enumerate() {
+            let fd = self.workers.get(thread).and_then(|w| {
+                w.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .completion_fd()
+            });
+            if let Some(fd) = fd {
+                handler.register_listener(fd, EventSet::IN, u64::from(self.completion_event()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes the workers stop taking new requests (the current one finishes).
@@ -146,6 +182,7 @@ impl BlkSession {
             return;
         };
         let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
+        self.remember_vring(vring, queue_index);
         let limits = self.limits();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mem = self.mem.memory();
@@ -160,15 +197,7 @@ impl BlkSession {
             }
             let used = worker.process(state.get_queue_mut(), &mem, &limits, &self.stopping);
             if used > 0 {
-                let notify = state.needs_notification().unwrap_or_else(|e| {
-                    log::warn!("queue {queue_index}: cannot read used_event: {e}");
-                    true
-                });
-                if notify {
-                    if let Err(e) = state.signal_used_queue() {
-                        log::warn!("queue {queue_index}: cannot signal the frontend: {e}");
-                    }
-                }
+                signal(&mut state, queue_index);
             }
             if !event_idx || self.stopping.load(Ordering::Relaxed) {
                 return;
@@ -181,6 +210,45 @@ impl BlkSession {
                     return;
                 }
             }
+        }
+    }
+}
+
+impl BlkSession {
+    fn remember_vring(&self, vring: &Vring, queue_index: usize) {
+        if let Some(slot) = self.vrings.get(queue_index) {
+            let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+            if slot.is_none() {
+                *slot = Some(vring.clone());
+            }
+        }
+    }
+
+    /// Publishes the io_uring completions of queue `queue_index`, signalling the frontend as
+    /// the ring asks (EVENT_IDX: only when it crossed used_event).
+    fn serve_completions(&self, vring: &Vring, queue_index: usize) {
+        let Some(worker) = self.workers.get(queue_index) else {
+            return;
+        };
+        let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
+        let mem = self.mem.memory();
+        let mut state = vring.get_mut();
+        let used = worker.complete(state.get_queue_mut(), &mem);
+        if used > 0 {
+            signal(&mut state, queue_index);
+        }
+    }
+}
+
+/// Signals the frontend if the ring asks for it (always without EVENT_IDX).
+fn signal(state: &mut VringState<GuestMemoryAtomic<GuestMem>>, queue_index: usize) {
+    let notify = state.needs_notification().unwrap_or_else(|e| {
+        log::warn!("queue {queue_index}: cannot read used_event: {e}");
+        true
+    });
+    if notify {
+        if let Err(e) = state.signal_used_queue() {
+            log::warn!("queue {queue_index}: cannot signal the frontend: {e}");
         }
     }
 }
@@ -288,6 +356,32 @@ impl VhostUserBackend for BlkSession {
         event
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The crate marked the queue not ready; wait for what the ring still has in flight and
+        // publish it, so the base the frontend reads next covers only finished requests.
+        let queue_index = queue_index as usize;
+        let Some(worker) = self.workers.get(queue_index) else {
+            return Ok(());
+        };
+        let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
+        if worker.in_flight() == 0 {
+            return Ok(());
+        }
+        let vring = self.vrings[queue_index]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(vring) = vring else {
+            return Ok(());
+        };
+        let mem = self.mem.memory();
+        let mut state = vring.get_mut();
+        if worker.wait_idle(state.get_queue_mut(), &mem) > 0 {
+            signal(&mut state, queue_index);
+        }
+        Ok(())
+    }
+
     fn handle_event(
         &self,
         device_event: u16,
@@ -301,6 +395,12 @@ impl VhostUserBackend for BlkSession {
         }
         // Each thread serves one queue, so its vring list has one entry (device_event 0) and the
         // thread index is the queue index.
+        if device_event == self.completion_event() {
+            if let Some(vring) = vrings.first() {
+                self.serve_completions(vring, thread_id);
+            }
+            return Ok(());
+        }
         let Some(vring) = vrings.get(usize::from(device_event)) else {
             log::warn!("event {device_event} on worker {thread_id} has no vring");
             return Ok(());

@@ -132,6 +132,7 @@ mod tests {
             num_queues: 3,
             queue_size: 1024,
             serial: Arc::from(&b""[..]),
+            engine: crate::io::EngineKind::Sync,
         };
         let config = ConfigSpace::new(&settings);
         let all = config.read(0, 60);

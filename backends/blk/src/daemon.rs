@@ -162,12 +162,6 @@ pub fn run(config: Config) -> Result<(), RunError> {
     mask.thread_block().map_err(RunError::SignalMask)?;
 
     let disk = Arc::new(Disk::open(&config.image, config.readonly, config.direct)?);
-    let settings = DeviceSettings {
-        disk: disk.clone(),
-        num_queues: config.num_queues,
-        queue_size: config.queue_size,
-        serial: Arc::from(config.serial.as_slice()),
-    };
     let (listener, _socket_guard) = socket::listen(&config.socket)?;
     let path = config.socket.display().to_string();
     let shutdown = Arc::new(Shutdown {
@@ -178,14 +172,24 @@ pub fn run(config: Config) -> Result<(), RunError> {
     });
     let mut listener = Listener::from(listener);
     start_signal_thread(shutdown.clone(), mask)?;
+    // Probed here, once the command line and the socket are known good: where io_uring is
+    // unavailable this logs the one fallback line.
+    let settings = DeviceSettings {
+        disk: disk.clone(),
+        num_queues: config.num_queues,
+        queue_size: config.queue_size,
+        serial: Arc::from(config.serial.as_slice()),
+        engine: config.io_engine.usable(),
+    };
     log::info!(
-        "serving {} ({} sectors{}{}, {} queue(s) of up to {}) on {path}",
+        "serving {} ({} sectors{}{}, {} queue(s) of up to {}, {} I/O) on {path}",
         disk.path().display(),
         disk.capacity_sectors(),
         if disk.readonly() { ", read-only" } else { "" },
         if disk.direct() { ", O_DIRECT" } else { "" },
         config.num_queues,
         config.queue_size,
+        settings.engine.name(),
     );
 
     let mut session_number: u64 = 0;
@@ -213,6 +217,9 @@ fn serve_session(
     );
     let mut daemon = VhostUserDaemon::new("splitvmm-blk".into(), session.clone(), mem)
         .map_err(|e| RunError::Session(e.to_string()))?;
+    session
+        .register_completion_fds(&daemon.get_epoll_handlers())
+        .map_err(|e| RunError::Session(format!("cannot watch io_uring completions: {e}")))?;
     if let Err(e) = daemon.start(listener) {
         drop(daemon);
         session.release_exit_fds();

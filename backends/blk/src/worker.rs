@@ -2,6 +2,7 @@
 //! publish the used entry. Owned by that queue's worker thread; nothing here is shared with
 //! other queues.
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -12,7 +13,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::disk::Disk;
 use crate::io::sync::SyncIo;
-use crate::io::IoError;
+use crate::io::uring::{Completion, Kind, Queued, Tag, UringIo};
+use crate::io::{EngineKind, IoError};
 use crate::request::{self, GuestRange, Limits, Op};
 use crate::GuestMem;
 
@@ -25,9 +27,16 @@ pub struct QueueStats {
     pub bytes_written: u64,
 }
 
+enum Engine {
+    Sync(SyncIo),
+    Uring(Box<UringIo>),
+}
+
 pub struct QueueWorker {
     index: u16,
-    io: SyncIo,
+    io: Engine,
+    /// Completions reaped from the ring, kept between calls only for the capacity.
+    completions: Vec<Completion>,
     serial: Arc<[u8]>,
     descs: Vec<Descriptor>,
     data: Vec<GuestRange>,
@@ -36,10 +45,34 @@ pub struct QueueWorker {
 }
 
 impl QueueWorker {
+    /// A worker with the sync engine.
     pub fn new(index: u16, disk: Arc<Disk>, serial: Arc<[u8]>) -> Self {
+        Self::with_engine(index, disk, serial, EngineKind::Sync, 0)
+    }
+
+    /// A worker with the given engine; `ring_entries` is the most requests the queue can have
+    /// in flight (its largest size). If the ring cannot be made, the worker uses sync I/O.
+    pub fn with_engine(
+        index: u16,
+        disk: Arc<Disk>,
+        serial: Arc<[u8]>,
+        engine: EngineKind,
+        ring_entries: u32,
+    ) -> Self {
+        let io = match engine {
+            EngineKind::Sync => Engine::Sync(SyncIo::new(disk)),
+            EngineKind::Uring => match UringIo::new(disk.clone(), ring_entries) {
+                Ok(uring) => Engine::Uring(Box::new(uring)),
+                Err(e) => {
+                    log::warn!("queue {index}: cannot set up io_uring ({e}); using sync I/O");
+                    Engine::Sync(SyncIo::new(disk))
+                }
+            },
+        };
         QueueWorker {
             index,
-            io: SyncIo::new(disk),
+            io,
+            completions: Vec::new(),
             serial,
             descs: Vec::new(),
             data: Vec::new(),
@@ -50,6 +83,117 @@ impl QueueWorker {
 
     pub fn stats(&self) -> QueueStats {
         self.stats
+    }
+
+    /// The engine in use.
+    pub fn engine(&self) -> EngineKind {
+        match self.io {
+            Engine::Sync(_) => EngineKind::Sync,
+            Engine::Uring(_) => EngineKind::Uring,
+        }
+    }
+
+    /// With io_uring: the eventfd signalled when requests complete asynchronously; the worker
+    /// thread must call [`QueueWorker::complete`] when it is readable.
+    pub fn completion_fd(&self) -> Option<RawFd> {
+        match &self.io {
+            Engine::Sync(_) => None,
+            Engine::Uring(uring) => Some(uring.completion_fd()),
+        }
+    }
+
+    /// Requests submitted and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        match &self.io {
+            Engine::Sync(_) => 0,
+            Engine::Uring(uring) => uring.in_flight(),
+        }
+    }
+
+    /// Publishes the requests whose I/O has completed; returns how many used entries were
+    /// published. For the completion eventfd.
+    pub fn complete(&mut self, queue: &mut Queue, mem: &GuestMem) -> usize {
+        if let Engine::Uring(uring) = &self.io {
+            uring.consume_event();
+        }
+        self.reap(queue, mem)
+    }
+
+    /// Blocks until every submitted request has completed and is published; returns how many
+    /// used entries were published.
+    pub fn wait_idle(&mut self, queue: &mut Queue, mem: &GuestMem) -> usize {
+        let mut used = 0;
+        while let Engine::Uring(uring) = &mut self.io {
+            if uring.in_flight() == 0 {
+                break;
+            }
+            uring.wait();
+            used += self.reap(queue, mem);
+        }
+        used
+    }
+
+    fn reap(&mut self, queue: &mut Queue, mem: &GuestMem) -> usize {
+        let Engine::Uring(uring) = &mut self.io else {
+            return 0;
+        };
+        let mut completions = std::mem::take(&mut self.completions);
+        uring.reap(|c| completions.push(c));
+        let mut used = 0;
+        for c in completions.drain(..) {
+            let len = self.finish(mem, c);
+            used += usize::from(self.publish(queue, mem, len.0, len.1));
+        }
+        self.completions = completions;
+        used
+    }
+
+    /// Status byte and counters of a completed request; returns (head, used length).
+    fn finish(&mut self, mem: &GuestMem, c: Completion) -> (u16, u32) {
+        let head = c.tag.head;
+        match c.result {
+            Ok(()) => {
+                let written = match c.kind {
+                    Kind::Read => {
+                        self.stats.bytes_read += u64::from(c.len);
+                        c.len
+                    }
+                    Kind::Write => {
+                        self.stats.bytes_written += u64::from(c.len);
+                        0
+                    }
+                    Kind::Flush => 0,
+                };
+                (
+                    head,
+                    self.set_status(mem, c.tag.status, VIRTIO_BLK_S_OK as u8, written + 1),
+                )
+            }
+            Err(e) => {
+                self.stats.failed += 1;
+                log::warn!(
+                    "queue {}: request at descriptor {head} fails with IOERR: {e}",
+                    self.index
+                );
+                (
+                    head,
+                    self.set_status(mem, c.tag.status, VIRTIO_BLK_S_IOERR as u8, 1),
+                )
+            }
+        }
+    }
+
+    fn publish(&self, queue: &mut Queue, mem: &GuestMem, head: u16, len: u32) -> bool {
+        match queue.add_used(mem, head, len) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!(
+                    "queue {}: cannot publish used entry for descriptor {head}: {e}",
+                    self.index
+                );
+                false
+            }
+        }
     }
 
     /// Serves every available request (or until `stopping` is set); returns how many used
@@ -69,21 +213,27 @@ impl QueueWorker {
             let head = chain.head_index();
             self.descs.clear();
             self.descs.extend(chain);
-            let len = self.handle(head, mem, limits);
-            if let Err(e) = queue.add_used(mem, head, len) {
-                log::warn!(
-                    "queue {}: cannot publish used entry for descriptor {head}: {e}",
-                    self.index
-                );
-                continue;
+            // None: submitted to the ring; published when it completes.
+            if let Some(len) = self.handle(head, mem, limits) {
+                used += usize::from(self.publish(queue, mem, head, len));
             }
-            used += 1;
+        }
+        if let Engine::Uring(uring) = &mut self.io {
+            uring.submit();
+            // Page-cache hits complete inline during the submit: publish them now, clearing the
+            // eventfd first (so a CQE that lands after this still wakes the worker) to spare the
+            // thread an epoll round trip that would find nothing. With nothing completed yet
+            // the eventfd has nothing to clear: the completions will wake the worker.
+            if uring.has_completions() {
+                used += self.complete(queue, mem);
+            }
         }
         used
     }
 
-    /// Handles the chain in `self.descs`; returns the used length (bytes written to the guest).
-    fn handle(&mut self, head: u16, mem: &GuestMem, limits: &Limits) -> u32 {
+    /// Handles the chain in `self.descs`; returns the used length (bytes written to the guest),
+    /// or None when the request went to the ring.
+    fn handle(&mut self, head: u16, mem: &GuestMem, limits: &Limits) -> Option<u32> {
         self.stats.requests += 1;
         let request =
             match request::parse(&self.descs, mem, limits, &mut self.data, &mut self.scratch) {
@@ -97,33 +247,83 @@ impl QueueWorker {
                         status_name(code),
                         rejected.error
                     );
-                    return match rejected.status {
+                    return Some(match rejected.status {
                         Some(addr) => self.set_status(mem, addr, code, 1),
                         None => 0,
-                    };
+                    });
                 }
             };
+        if let Engine::Uring(uring) = &mut self.io {
+            let tag = Tag {
+                head,
+                status: request.status,
+            };
+            let queued = match &request.op {
+                Op::Read { offset, len } => uring.read(tag, mem, *offset, &self.data, *len),
+                Op::Write { offset, len } => uring.write(tag, mem, *offset, &self.data, *len),
+                Op::Flush => {
+                    uring.flush(tag);
+                    Ok(Queued::Ring)
+                }
+                _ => Ok(Queued::UseSync),
+            };
+            match queued {
+                Ok(Queued::Ring) => return None,
+                Ok(Queued::Done) => {
+                    let used = match request.op {
+                        Op::Read { len, .. } => {
+                            self.stats.bytes_read += u64::from(len);
+                            len
+                        }
+                        Op::Write { len, .. } => {
+                            self.stats.bytes_written += u64::from(len);
+                            0
+                        }
+                        _ => 0,
+                    };
+                    return Some(self.set_status(
+                        mem,
+                        request.status,
+                        VIRTIO_BLK_S_OK as u8,
+                        used + 1,
+                    ));
+                }
+                Ok(Queued::UseSync) => {}
+                Err(e) => {
+                    self.stats.failed += 1;
+                    log::warn!(
+                        "queue {}: request at descriptor {head} fails with IOERR: {e}",
+                        self.index
+                    );
+                    return Some(self.set_status(mem, request.status, VIRTIO_BLK_S_IOERR as u8, 1));
+                }
+            }
+        }
+        let io = match &mut self.io {
+            Engine::Sync(sync) => sync,
+            Engine::Uring(uring) => uring.sync(),
+        };
         let result: Result<u32, IoError> = match &request.op {
             Op::Read { offset, len } => {
-                let r = self.io.read(mem, *offset, &self.data, *len).map(|()| *len);
+                let r = io.read(mem, *offset, &self.data, *len).map(|()| *len);
                 if r.is_ok() {
                     self.stats.bytes_read += u64::from(*len);
                 }
                 r
             }
             Op::Write { offset, len } => {
-                let r = self.io.write(mem, *offset, &self.data, *len).map(|()| 0);
+                let r = io.write(mem, *offset, &self.data, *len).map(|()| 0);
                 if r.is_ok() {
                     self.stats.bytes_written += u64::from(*len);
                 }
                 r
             }
-            Op::Flush => self.io.flush().map(|()| 0),
+            Op::Flush => io.flush().map(|()| 0),
             Op::GetId { len } => self.get_id(mem, *len),
-            Op::Discard(segments) => self.io.discard(segments).map(|()| 0),
-            Op::WriteZeroes(segments) => self.io.write_zeroes(segments).map(|()| 0),
+            Op::Discard(segments) => io.discard(segments).map(|()| 0),
+            Op::WriteZeroes(segments) => io.write_zeroes(segments).map(|()| 0),
         };
-        match result {
+        Some(match result {
             Ok(written) => self.set_status(mem, request.status, VIRTIO_BLK_S_OK as u8, written + 1),
             Err(e) => {
                 self.stats.failed += 1;
@@ -133,7 +333,7 @@ impl QueueWorker {
                 );
                 self.set_status(mem, request.status, VIRTIO_BLK_S_IOERR as u8, 1)
             }
-        }
+        })
     }
 
     /// Writes the status byte; returns `used_len`, or 0 if the byte could not be written.

@@ -100,6 +100,8 @@ impl Driver {
     fn run(&mut self, worker: &mut QueueWorker, limits: &Limits) -> Vec<(u32, u32)> {
         let stopping = AtomicBool::new(false);
         worker.process(&mut self.queue, &self.mem, limits, &stopping);
+        // io_uring: the rest complete asynchronously; wait for them.
+        worker.wait_idle(&mut self.queue, &self.mem);
         let used_idx: u16 = self.mem.read_obj(GuestAddress(USED + 2)).expect("used idx");
         let mut entries = Vec::new();
         while self.used_seen != used_idx {
@@ -145,7 +147,8 @@ impl Drop for TestDisk {
 
 fn test_disk(name: &str, readonly: bool, direct: bool) -> TestDisk {
     let path = std::env::temp_dir().join(format!(
-        "splitvmm-blk-worker-{name}-{}.img",
+        "splitvmm-blk-worker-{name}-{}-{}.img",
+        ENGINE.with(|e| e.get().name()),
         std::process::id()
     ));
     let pattern: Vec<u8> = (0..DISK_SECTORS * 512).map(|i| (i % 251) as u8).collect();
@@ -167,8 +170,38 @@ fn limits(disk: &Disk) -> Limits {
     }
 }
 
+thread_local! {
+    /// The engine `worker()` gives this test thread (sync unless a test says otherwise).
+    static ENGINE: std::cell::Cell<EngineKind> = const { std::cell::Cell::new(EngineKind::Sync) };
+}
+
 fn worker(disk: &TestDisk) -> QueueWorker {
-    QueueWorker::new(0, disk.disk.clone(), Arc::from(&b"serial-123"[..]))
+    let engine = ENGINE.with(|e| e.get());
+    let w = QueueWorker::with_engine(
+        0,
+        disk.disk.clone(),
+        Arc::from(&b"serial-123"[..]),
+        engine,
+        u32::from(QUEUE_SIZE),
+    );
+    assert_eq!(w.engine(), engine, "io_uring unavailable here?");
+    w
+}
+
+/// Every test above again, with io_uring as the engine (skipped where io_uring is unavailable).
+#[test]
+fn every_worker_test_with_io_uring() {
+    if let Err(e) = crate::io::uring::probe() {
+        eprintln!("skipping: io_uring unavailable ({e})");
+        return;
+    }
+    ENGINE.with(|e| e.set(EngineKind::Uring));
+    reads_and_writes_through_the_ring();
+    indirect_chains_work();
+    discard_and_write_zeroes_reach_the_file();
+    bad_requests_fail_alone_and_the_queue_keeps_going();
+    read_only_disk_and_backing_file_errors();
+    direct_io_with_aligned_and_unaligned_buffers();
 }
 
 fn ok() -> u8 {

@@ -36,6 +36,7 @@
 
 pub mod alloc;
 pub mod blk;
+pub mod blk_daemon;
 pub mod connection;
 pub mod memory;
 pub mod process;

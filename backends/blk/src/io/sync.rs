@@ -302,7 +302,7 @@ fn unsupported(e: &io::Error) -> bool {
     )
 }
 
-fn aligned(iovecs: &[libc::iovec]) -> bool {
+pub(super) fn aligned(iovecs: &[libc::iovec]) -> bool {
     let align = DIRECT_BLOCK_SIZE as usize;
     iovecs
         .iter()
@@ -310,7 +310,7 @@ fn aligned(iovecs: &[libc::iovec]) -> bool {
 }
 
 /// Host iovecs for guest ranges, split where a range crosses guest memory regions.
-fn build_iovecs(
+pub(super) fn build_iovecs(
     mem: &GuestMem,
     ranges: &[GuestRange],
     iovecs: &mut Vec<libc::iovec>,
