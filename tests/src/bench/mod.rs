@@ -6,6 +6,7 @@
 //!   same binary, built statically, in `probe` mode).
 //! - [`stats`] — medians and the table helpers the benchmarks share.
 
+pub mod blk;
 pub mod boot;
 pub mod probe;
 pub mod stats;
