@@ -2,15 +2,14 @@
 //! from `scripts/guest-images` with the L2 initramfs plus an appended archive holding the
 //! scenario (and any host programs it needs, with their libraries).
 
-use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use flate2::write::GzEncoder;
-use flate2::Compression;
+use splitvmm_tests::lane::initrd::write_scenario_initrd;
+use splitvmm_tests::lane::Scenario;
 
 use super::wait_until;
 
@@ -21,13 +20,7 @@ pub fn qemu_lock() -> MutexGuard<'static, ()> {
     QEMU_LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// `$SPLITVMM_IMAGES`, else `<workspace>/images`.
-pub fn images_dir() -> PathBuf {
-    std::env::var_os("SPLITVMM_IMAGES").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../images"),
-        PathBuf::from,
-    )
-}
+pub use splitvmm_tests::lane::artifacts::images_dir;
 
 fn require(path: &Path) -> PathBuf {
     assert!(
@@ -38,73 +31,22 @@ fn require(path: &Path) -> PathBuf {
     path.to_owned()
 }
 
-const S_IFREG: u32 = 0o100_000;
-const S_IFDIR: u32 = 0o040_000;
-
-/// A `newc` cpio archive.
-struct Newc {
-    out: Vec<u8>,
-    next_ino: u32,
-}
-
-impl Newc {
-    fn new() -> Self {
-        // Inode numbers away from the base archive's, so nothing looks like a hard link.
-        Newc {
-            out: Vec::new(),
-            next_ino: 0x5000_0000,
-        }
-    }
-
-    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
-        let fields = [
-            self.next_ino,
-            mode,
-            0,
-            0,
-            if mode & S_IFDIR != 0 { 2 } else { 1 },
-            0,
-            u32::try_from(data.len()).expect("file fits a cpio entry"),
-            0,
-            0,
-            0,
-            0,
-            u32::try_from(name.len() + 1).expect("short name"),
-            0,
-        ];
-        self.next_ino += 1;
-        self.out.extend_from_slice(b"070701");
-        for field in fields {
-            self.out
-                .extend_from_slice(format!("{field:08X}").as_bytes());
-        }
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.push(0);
-        self.pad();
-        self.out.extend_from_slice(data);
-        self.pad();
-    }
-
-    fn pad(&mut self) {
-        self.out.resize(self.out.len().next_multiple_of(4), 0);
-    }
-}
-
-/// Guest files: (absolute guest path, mode, contents).
+/// The scenario and the files the guest gets beside it (the lane fixture's initramfs builder).
 pub struct GuestFiles {
-    files: Vec<(String, u32, Vec<u8>)>,
+    scenario: Scenario,
 }
 
 impl GuestFiles {
     /// Starts with `/scenario.sh`.
     pub fn new(scenario: &str) -> Self {
         GuestFiles {
-            files: vec![("/scenario.sh".into(), 0o755, scenario.as_bytes().to_vec())],
+            scenario: Scenario::new("blk-qemu-interop", scenario),
         }
     }
 
     pub fn add(&mut self, guest_path: &str, mode: u32, data: Vec<u8>) {
-        self.files.push((guest_path.to_owned(), mode, data));
+        let scenario = std::mem::replace(&mut self.scenario, Scenario::new("", ""));
+        self.scenario = scenario.guest_file(guest_path, data, mode);
     }
 
     /// Copies a dynamically linked host program to `guest_path`, with the libraries `ldd`
@@ -133,31 +75,11 @@ impl GuestFiles {
         }
     }
 
-    /// The base L2 initramfs followed by a gzip'ed archive of these files.
+    /// The base L2 initramfs followed by a gzip'ed archive of the scenario and these files.
     pub fn build_initrd(&self, out: &Path) {
-        let images = images_dir();
-        let mut initrd = std::fs::read(require(&images.join("l2-initramfs.cpio.gz")))
-            .expect("read base initramfs");
-        let mut dirs = BTreeSet::new();
-        for (path, _, _) in &self.files {
-            let rel = path.trim_start_matches('/');
-            let parts: Vec<&str> = rel.split('/').collect();
-            for depth in 1..parts.len() {
-                dirs.insert(parts[..depth].join("/"));
-            }
-        }
-        let mut cpio = Newc::new();
-        for dir in &dirs {
-            cpio.entry(dir, S_IFDIR | 0o755, &[]);
-        }
-        for (path, mode, data) in &self.files {
-            cpio.entry(path.trim_start_matches('/'), S_IFREG | mode, data);
-        }
-        cpio.entry("TRAILER!!!", 0, &[]);
-        let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
-        gz.write_all(&cpio.out).expect("gzip");
-        initrd.extend(gz.finish().expect("gzip"));
-        std::fs::write(out, initrd).expect("write initrd");
+        let base = require(&images_dir().join("l2-initramfs.cpio.gz"));
+        write_scenario_initrd(&base, &self.scenario, out)
+            .unwrap_or_else(|e| panic!("building the guest initrd: {e}"));
     }
 }
 
