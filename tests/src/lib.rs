@@ -2,4 +2,5 @@
 
 pub mod bench;
 pub mod lane;
+pub mod owned_child;
 pub mod vhost;

@@ -14,7 +14,7 @@ use super::initrd::write_scenario_initrd;
 use super::lock::LaneLock;
 use super::markers::Marker;
 use super::outcome::Outcome;
-use super::process::OwnedChild;
+use super::process::spawn_piped;
 use super::pump::{pump, End};
 use super::scenario::{KernelImage, Scenario};
 use super::workdir::WorkDir;
@@ -61,7 +61,7 @@ pub fn run(scenario: &Scenario) -> Result<Outcome, LaneError> {
 
     let _lock = LaneLock::acquire(&scenario.name)?;
     let start = Instant::now();
-    let mut child = OwnedChild::spawn(&mut cmd, "the host script", true)?;
+    let mut child = spawn_piped(&mut cmd, "the host script", true)?;
     let stdout = child
         .take_stdout()
         .ok_or_else(|| LaneError::io("host script", std::io::Error::other("no stdout pipe")))?;

@@ -19,7 +19,7 @@ use super::initrd::write_scenario_initrd;
 use super::lock::LaneLock;
 use super::markers::Marker;
 use super::outcome::Outcome;
-use super::process::OwnedChild;
+use super::process::spawn_piped;
 use super::pump::{pump, End};
 use super::scenario::{KernelImage, Scenario};
 use super::workdir::WorkDir;
@@ -150,7 +150,7 @@ fn boot_l1(
     .stderr(stderr);
 
     let start = Instant::now();
-    let mut child = OwnedChild::spawn(&mut cmd, "QEMU (L1)", false)?;
+    let mut child = spawn_piped(&mut cmd, "QEMU (L1)", false)?;
     let stdout = child
         .take_stdout()
         .ok_or_else(|| LaneError::io("QEMU (L1)", std::io::Error::other("no stdout pipe")))?;

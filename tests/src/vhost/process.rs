@@ -3,13 +3,14 @@
 //! when the test is failing.
 
 use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
+
+use crate::owned_child::OwnedChild;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 #[derive(Debug, thiserror::Error)]
@@ -86,10 +87,9 @@ impl Drop for TempDir {
 #[derive(Debug)]
 pub struct BackendProcess {
     name: String,
-    child: Child,
+    child: OwnedChild,
     socket: PathBuf,
     stderr_path: PathBuf,
-    exited: Option<ExitStatus>,
 }
 
 impl BackendProcess {
@@ -112,16 +112,8 @@ impl BackendProcess {
         let (err, stderr_path) = file("err")?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .process_group(0);
-        // SAFETY: the closure runs in the forked child before exec. It only calls prctl(2),
-        // which is async-signal-safe, takes no lock and allocates nothing.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-            });
-        }
-        let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+            .stderr(Stdio::from(err));
+        let child = OwnedChild::spawn(cmd, true).map_err(|source| ProcessError::Spawn {
             name: name.to_owned(),
             command: format!("{cmd:?}"),
             source,
@@ -131,7 +123,6 @@ impl BackendProcess {
             child,
             socket,
             stderr_path,
-            exited: None,
         };
         let start = Instant::now();
         loop {
@@ -178,10 +169,7 @@ impl BackendProcess {
     }
 
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().ok().flatten();
-        }
-        self.exited
+        self.child.try_wait()
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -215,29 +203,12 @@ impl BackendProcess {
 
     /// Waits up to `within` for the process to exit.
     pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = self.try_wait() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.child.wait_timeout(within)
     }
 
     /// SIGKILLs the process group and reaps the process.
     pub fn kill(&mut self) -> Option<ExitStatus> {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            // The group may outlive its leader; ESRCH means it is gone already.
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            self.exited = self.child.wait().ok();
-        }
-        self.exited
+        self.child.kill()
     }
 }
 
