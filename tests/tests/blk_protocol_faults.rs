@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use splitvmm_tests::vhost::blk::conformance::pattern;
 use splitvmm_tests::vhost::blk::malformed::{enqueue_bogus_head, enqueue_malformed, Malformed};
 use splitvmm_tests::vhost::blk::{
     BlkCompletion, BlkFrontend, BlkHeader, BlkOptions, BlkQueue, BlkRange, BlkRequest, BlkStatus,
@@ -25,12 +26,6 @@ const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 const WAIT: Duration = Duration::from_secs(5);
 /// Sectors 0..GUARD_SECTORS hold known data in the fault tests; bad requests aim at them.
 const GUARD_SECTORS: u64 = 64;
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 9) as u8))
-        .collect()
-}
 
 /// Lines of the daemon's log about failed requests.
 fn failure_lines(d: &BlkDaemon) -> usize {

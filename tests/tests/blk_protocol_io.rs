@@ -5,6 +5,7 @@
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Arc;
 
+use splitvmm_tests::vhost::blk::conformance::{self, pattern};
 use splitvmm_tests::vhost::blk::{
     BlkFrontend, BlkHeader, BlkOptions, BlkRange, BlkRequest, BlkStatus, SECTOR_SIZE,
 };
@@ -31,13 +32,6 @@ fn daemon(size: u64, opts: BlkDaemonOptions) -> BlkDaemon {
 
 fn connect(d: &BlkDaemon, opts: BlkOptions) -> BlkFrontend {
     BlkFrontend::connect(d.socket(), opts).expect("vhost-user-blk handshake with splitvmm-blk")
-}
-
-/// Bytes that differ with every offset and with `seed`.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 9) as u8))
-        .collect()
 }
 
 #[test]
@@ -105,32 +99,7 @@ fn written_data_reads_back_at_several_sizes_offsets_and_segmentations() {
         (5000, 12288, &[1, 4095, 1, 8191], &[3, 5, 12280]),
         (64 * MIB / SECTOR_SIZE - 8, 4096, &[2048, 2048], &[1, 4095]),
     ];
-    for (i, &(sector, len, wsegs, rsegs)) in cases.iter().enumerate() {
-        let data = pattern(len, i as u8 + 1);
-        assert_eq!(
-            q.write_segmented(sector, &data, wsegs).unwrap(),
-            BlkStatus::Ok,
-            "write at sector {sector}, {len} bytes in {wsegs:?}"
-        );
-        let (status, back) = q.read_segmented(sector, rsegs).unwrap();
-        assert_eq!(status, BlkStatus::Ok, "read at sector {sector}");
-        assert!(
-            back == data,
-            "read-back differs at sector {sector}, {len} bytes"
-        );
-    }
-    assert_eq!(q.flush().unwrap(), BlkStatus::Ok);
-    // The bytes are in the image file, where the daemon put them.
-    let img = std::fs::File::open(d.image()).unwrap();
-    for (i, &(sector, len, _, _)) in cases.iter().enumerate() {
-        let mut on_disk = vec![0; len];
-        img.read_exact_at(&mut on_disk, sector * SECTOR_SIZE)
-            .unwrap();
-        assert!(
-            on_disk == pattern(len, i as u8 + 1),
-            "image content at sector {sector}"
-        );
-    }
+    conformance::check_layouts(q, d.image(), cases);
     // And what the image holds the daemon reads (written behind its back).
     let outside = pattern(8192, 99);
     let img = std::fs::OpenOptions::new()

@@ -4,17 +4,12 @@
 
 use std::time::{Duration, Instant};
 
+use splitvmm_tests::vhost::blk::conformance::{self, pattern};
 use splitvmm_tests::vhost::blk::{BlkFrontend, BlkOptions, BlkStatus};
 use splitvmm_tests::vhost::blk_daemon::{BlkDaemon, BlkDaemonOptions, ProcUsage};
 
 const MIB: u64 = 1 << 20;
 const CYCLES: u32 = 100;
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 9) as u8))
-        .collect()
-}
 
 /// Polls until `check` holds for the daemon's usage or `limit` passes; returns the last usage.
 fn wait_for(
@@ -149,30 +144,7 @@ fn reconnect_resumes_the_same_rings() {
     )
     .unwrap_or_else(|e| panic!("starting splitvmm-blk: {e}"));
     let mut dev = BlkFrontend::connect(d.socket(), BlkOptions::default().with_queues(2)).unwrap();
-    for i in 0..10u64 {
-        assert_eq!(
-            dev.queue(0).write(i * 8, &pattern(4096, i as u8)).unwrap(),
-            BlkStatus::Ok
-        );
-    }
-    let before = dev.queue(0).vring().next_avail();
-    assert_eq!(
-        dev.stop().unwrap(),
-        vec![u32::from(before), 0],
-        "GET_VRING_BASE"
-    );
-    for _ in 0..3 {
-        dev.reconnect().unwrap();
-        assert!(d.is_running());
-        for i in 0..10u64 {
-            let (s, back) = dev.queue(1).read(i * 8, 4096).unwrap();
-            assert_eq!(s, BlkStatus::Ok);
-            assert!(back == pattern(4096, i as u8));
-        }
-        assert_eq!(dev.queue(0).flush().unwrap(), BlkStatus::Ok);
-    }
-    assert_eq!(dev.queue(0).vring().next_avail(), before + 3);
-    assert_eq!(dev.queue(1).vring().next_avail(), 30);
+    conformance::check_reconnect_resumes_rings(&mut dev, || d.is_running());
     // A request made available while disconnected is served after the reconnect's kick.
     dev.disconnect();
     let mem = dev.memory().clone();

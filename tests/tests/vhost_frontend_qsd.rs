@@ -5,6 +5,7 @@
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
+use splitvmm_tests::vhost::blk::conformance::{self, pattern};
 use splitvmm_tests::vhost::blk::{
     BlkFrontend, BlkOptions, BlkRange, BlkRequest, BlkStatus, QueueOptions, SECTOR_SIZE,
 };
@@ -33,13 +34,6 @@ fn qsd(size: u64, queues: u16) -> Qsd {
 
 fn connect(qsd: &Qsd, opts: BlkOptions) -> BlkFrontend {
     BlkFrontend::connect(qsd.socket(), opts).expect("vhost-user-blk handshake with qsd")
-}
-
-/// Bytes that differ with every offset and with `seed`.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 9) as u8))
-        .collect()
 }
 
 #[test]
@@ -76,32 +70,7 @@ fn written_patterns_read_back_at_several_sizes_and_offsets() {
         (100_000, 131072, &[4096, 512, 61952, 64512], &[131072]),
         (64 * MIB / SECTOR_SIZE - 8, 4096, &[2048, 2048], &[1, 4095]),
     ];
-    for (i, &(sector, len, wsegs, rsegs)) in cases.iter().enumerate() {
-        let data = pattern(len, i as u8 + 1);
-        assert_eq!(
-            q.write_segmented(sector, &data, wsegs).unwrap(),
-            BlkStatus::Ok,
-            "write at sector {sector}, {len} bytes"
-        );
-        let (status, back) = q.read_segmented(sector, rsegs).unwrap();
-        assert_eq!(status, BlkStatus::Ok, "read at sector {sector}");
-        assert!(
-            back == data,
-            "read-back differs at sector {sector}, {len} bytes"
-        );
-    }
-    // The bytes are in the image file itself, where the guest-less frontend put them.
-    assert_eq!(q.flush().unwrap(), BlkStatus::Ok);
-    let img = std::fs::File::open(d.image()).unwrap();
-    for (i, &(sector, len, _, _)) in cases.iter().enumerate() {
-        let mut on_disk = vec![0; len];
-        img.read_exact_at(&mut on_disk, sector * SECTOR_SIZE)
-            .unwrap();
-        assert!(
-            on_disk == pattern(len, i as u8 + 1),
-            "image content at sector {sector}"
-        );
-    }
+    conformance::check_layouts(q, d.image(), cases);
 }
 
 #[test]
@@ -309,31 +278,7 @@ fn twenty_connects_and_disconnects_leave_the_daemon_serving() {
 fn reconnect_resumes_the_same_rings() {
     let mut d = qsd(16 * MIB, 2);
     let mut dev = connect(&d, BlkOptions::default().with_queues(2));
-    for i in 0..10u64 {
-        assert_eq!(
-            dev.queue(0).write(i * 8, &pattern(4096, i as u8)).unwrap(),
-            BlkStatus::Ok
-        );
-    }
-    let before = dev.queue(0).vring().next_avail();
-    assert_eq!(
-        dev.stop().unwrap(),
-        vec![u32::from(before), 0],
-        "GET_VRING_BASE"
-    );
-    for _ in 0..3 {
-        dev.reconnect().unwrap();
-        assert!(d.is_running());
-        for i in 0..10u64 {
-            let (s, back) = dev.queue(1).read(i * 8, 4096).unwrap();
-            assert_eq!(s, BlkStatus::Ok);
-            assert!(back == pattern(4096, i as u8));
-        }
-        assert_eq!(dev.queue(0).flush().unwrap(), BlkStatus::Ok);
-    }
-    // The rings went on from where they were: indices did not restart at 0.
-    assert_eq!(dev.queue(0).vring().next_avail(), before + 3);
-    assert_eq!(dev.queue(1).vring().next_avail(), 30);
+    conformance::check_reconnect_resumes_rings(&mut dev, || d.is_running());
 }
 
 #[test]

@@ -5,8 +5,11 @@
 //!   (`read`, `write`, `flush`, `get_id`, `discard`, `write_zeroes`).
 //! - [`device`] — [`BlkFrontend`]: connect, handshake, queues, reconnect.
 //! - [`malformed`] — deliberately broken chains for fault tests.
+//! - [`conformance`] — checks every vhost-user-blk backend must pass (shared by the qsd and
+//!   splitvmm-blk tests).
 //! - [`loadgen`] — the closed-loop load generator of `splitvmm-bench blk`.
 
+pub mod conformance;
 pub mod device;
 pub mod loadgen;
 pub mod malformed;
