@@ -5,12 +5,15 @@
 //! own [`QueueWorker`] behind a mutex only that thread takes, so no lock is shared between
 //! queues on the I/O path.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
@@ -26,6 +29,7 @@ use vmm_sys_util::event::{
 
 use crate::config_space::{self, ConfigSpace};
 use crate::disk::Disk;
+use crate::inflight::{self, InflightMap};
 use crate::io::EngineKind;
 use crate::request::Limits;
 use crate::worker::{QueueStats, QueueWorker};
@@ -64,6 +68,11 @@ pub struct BlkSession {
     /// Read ends of the exit events handed out, which the backend crate leaks (see
     /// `release_exit_fds`).
     exit_fds: Mutex<Vec<RawFd>>,
+    /// The in-flight buffer of this connection (GET_INFLIGHT_FD / SET_INFLIGHT_FD).
+    inflight: Mutex<Option<Arc<InflightMap>>>,
+    /// Per queue: its worker must (re)start in-flight tracking before serving the ring (set
+    /// when a buffer is installed and when the queue's kick fd arrives).
+    inflight_pending: Vec<AtomicBool>,
 }
 
 impl BlkSession {
@@ -87,6 +96,9 @@ impl BlkSession {
             })
             .collect();
         let vrings = (0..settings.num_queues).map(|_| Mutex::new(None)).collect();
+        let inflight_pending = (0..settings.num_queues)
+            .map(|_| AtomicBool::new(false))
+            .collect();
         Ok(BlkSession {
             config: ConfigSpace::new(&settings),
             settings,
@@ -98,6 +110,8 @@ impl BlkSession {
             vrings,
             exit_events: Mutex::new(exit_events),
             exit_fds: Mutex::new(Vec::new()),
+            inflight: Mutex::new(None),
+            inflight_pending,
         })
     }
 
@@ -186,6 +200,25 @@ impl BlkSession {
         let limits = self.limits();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mem = self.mem.memory();
+        if self
+            .inflight_pending
+            .get(queue_index)
+            .is_some_and(|p| p.swap(false, Ordering::AcqRel))
+        {
+            let map = self
+                .inflight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let view = map.and_then(|m| m.queue(queue_index as u16));
+            let mut state = vring.get_mut();
+            worker.attach_inflight(
+                view,
+                state.get_queue_mut(),
+                &mem,
+                self.acked_features.load(Ordering::Relaxed),
+            );
+        }
         loop {
             // Taken per batch, so that the control thread (GET_VRING_BASE) gets a turn even
             // while the guest keeps the queue busy.
@@ -273,16 +306,27 @@ pub fn device_features(readonly: bool) -> u64 {
 
 /// The vhost-user protocol features offered.
 ///
-/// TODO(issue 3): INFLIGHT_SHMFD, with backend-side in-flight tracking as the vhost-user spec's
-/// "Inflight I/O tracking" section describes, so a restarted backend can resubmit what was in
-/// flight. vhost-user-backend 0.24 answers GET_INFLIGHT_FD / SET_INFLIGHT_FD with "not
-/// supported" (VhostUserHandler::get_inflight_fd), so this needs our own handling of those two
-/// messages (wrapping the crate's request handler) before the bit can be offered.
+/// INFLIGHT_SHMFD: backend-side in-flight tracking (`crate::inflight`). vhost-user-backend 0.24
+/// answers GET_INFLIGHT_FD / SET_INFLIGHT_FD with "not supported" in its request handler
+/// (`VhostUserHandler`, private to the crate, so it cannot be wrapped from outside), so the
+/// workspace builds a patched copy (third_party/vhost-user-backend) whose handler hands those
+/// messages, and the moment a queue's kick fd is set, to `VhostUserBackend` hooks implemented
+/// below.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+}
+
+impl BlkSession {
+    fn install_inflight(&self, map: InflightMap) {
+        *self.inflight.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(map));
+        for pending in &self.inflight_pending {
+            pending.store(true, Ordering::Release);
+        }
+    }
 }
 
 impl VhostUserBackend for BlkSession {
@@ -354,6 +398,81 @@ impl VhostUserBackend for BlkSession {
             None => log::error!("no exit event for worker {thread_index}"),
         }
         event
+    }
+
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        inflight::check_geometry(msg.num_queues, msg.queue_size, self.settings.num_queues)?;
+        let (map, file, size) = InflightMap::create(msg.num_queues, msg.queue_size)?;
+        self.install_inflight(map);
+        log::debug!(
+            "in-flight buffer made: {} queue(s) of {}, {size} bytes",
+            msg.num_queues,
+            msg.queue_size
+        );
+        Ok((
+            VhostUserInflight {
+                mmap_size: size,
+                mmap_offset: 0,
+                num_queues: msg.num_queues,
+                queue_size: msg.queue_size,
+            },
+            file,
+        ))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        inflight::check_geometry(msg.num_queues, msg.queue_size, self.settings.num_queues)?;
+        let map = InflightMap::map(
+            &file,
+            msg.mmap_size,
+            msg.mmap_offset,
+            msg.num_queues,
+            msg.queue_size,
+        )?;
+        log::debug!(
+            "in-flight buffer set: {} queue(s) of {}",
+            msg.num_queues,
+            msg.queue_size
+        );
+        self.install_inflight(map);
+        Ok(())
+    }
+
+    fn vring_kick_set(&self, queue_index: u32, vring: &Vring) {
+        let queue_index = queue_index as usize;
+        let Some(pending) = self.inflight_pending.get(queue_index) else {
+            return;
+        };
+        self.remember_vring(vring, queue_index);
+        if self
+            .inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+        {
+            return;
+        }
+        pending.store(true, Ordering::Release);
+        // Kick the queue ourselves (as libvhost-user does), so requests found in flight are
+        // resubmitted even if the frontend never kicks again; the worker sees it once the ring
+        // is enabled.
+        if let Some(kick) = vring.get_ref().get_kick() {
+            let one: u64 = 1;
+            // SAFETY: an 8-byte write from a local to the kick eventfd the vring holds.
+            let rc = unsafe {
+                libc::write(
+                    kick.as_raw_fd(),
+                    std::ptr::from_ref(&one).cast(),
+                    std::mem::size_of::<u64>(),
+                )
+            };
+            if rc < 0 {
+                log::warn!(
+                    "queue {queue_index}: cannot kick the queue: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

@@ -17,6 +17,7 @@ pub mod config;
 pub mod config_space;
 pub mod daemon;
 pub mod disk;
+pub mod inflight;
 pub mod io;
 pub mod request;
 pub mod worker;

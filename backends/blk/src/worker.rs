@@ -2,6 +2,7 @@
 //! publish the used entry. Owned by that queue's worker thread; nothing here is shared with
 //! other queues.
 
+use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,6 +11,8 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTI
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
+
+use crate::inflight::InflightQueue;
 
 use crate::disk::Disk;
 use crate::io::sync::SyncIo;
@@ -42,6 +45,10 @@ pub struct QueueWorker {
     data: Vec<GuestRange>,
     scratch: Vec<GuestRange>,
     stats: QueueStats,
+    /// This queue's region of the in-flight buffer (INFLIGHT_SHMFD negotiated).
+    inflight: Option<InflightQueue>,
+    /// Heads found in flight at (re)connect, served before anything new is popped.
+    resubmit: VecDeque<u16>,
 }
 
 impl QueueWorker {
@@ -78,6 +85,8 @@ impl QueueWorker {
             data: Vec::new(),
             scratch: Vec::new(),
             stats: QueueStats::default(),
+            inflight: None,
+            resubmit: VecDeque::new(),
         }
     }
 
@@ -183,8 +192,64 @@ impl QueueWorker {
         }
     }
 
+    /// Starts in-flight tracking on a queue that was just set up (its kick fd arrived): a fresh
+    /// buffer is initialised from the ring; otherwise what was in flight is queued for
+    /// resubmission and the ring resumes after it (next avail = used index + in flight).
+    pub fn attach_inflight(
+        &mut self,
+        inflight: Option<InflightQueue>,
+        queue: &mut Queue,
+        mem: &GuestMem,
+        features: u64,
+    ) {
+        self.resubmit.clear();
+        self.inflight = None;
+        let Some(mut inflight) = inflight else {
+            return;
+        };
+        let size = queue.size();
+        if !inflight.covers(size) {
+            log::warn!(
+                "queue {}: the in-flight buffer is too small for {size} descriptors; not tracking",
+                self.index
+            );
+            return;
+        }
+        let used = match queue.used_idx(mem, std::sync::atomic::Ordering::Acquire) {
+            Ok(used) => used.0,
+            Err(e) => {
+                log::warn!("queue {}: cannot read the used index: {e}", self.index);
+                return;
+            }
+        };
+        let recovery = inflight.recover(used, size, features);
+        if !recovery.fresh {
+            let in_flight = recovery.resubmit.len() as u16;
+            queue.set_next_used(used);
+            queue.set_next_avail(used.wrapping_add(in_flight));
+            log::info!(
+                "queue {}: resubmitting {in_flight} in-flight request(s) (used index {used}{})",
+                self.index,
+                if recovery.repaired > 0 {
+                    format!(", {} already completed", recovery.repaired)
+                } else {
+                    String::new()
+                }
+            );
+            self.resubmit.extend(recovery.resubmit);
+        }
+        self.inflight = Some(inflight);
+    }
+
     fn publish(&self, queue: &mut Queue, mem: &GuestMem, head: u16, len: u32) -> bool {
-        match queue.add_used(mem, head, len) {
+        if let Some(inflight) = &self.inflight {
+            inflight.before_publish(head);
+        }
+        let result = queue.add_used(mem, head, len);
+        if let Some(inflight) = &self.inflight {
+            inflight.after_publish(head, queue.next_used());
+        }
+        match result {
             Ok(()) => true,
             Err(e) => {
                 log::warn!(
@@ -207,10 +272,33 @@ impl QueueWorker {
     ) -> usize {
         let mut used = 0;
         while !stopping.load(Ordering::Relaxed) {
+            let Some(head) = self.resubmit.pop_front() else {
+                break;
+            };
+            self.descs.clear();
+            let len = match read_chain(mem, queue, head, &mut self.descs) {
+                Ok(()) => self.handle(head, mem, limits),
+                Err(e) => {
+                    self.stats.failed += 1;
+                    log::warn!(
+                        "queue {}: in-flight request at descriptor {head} cannot be resubmitted: {e}",
+                        self.index
+                    );
+                    Some(0)
+                }
+            };
+            if let Some(len) = len {
+                used += usize::from(self.publish(queue, mem, head, len));
+            }
+        }
+        while !stopping.load(Ordering::Relaxed) {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
             };
             let head = chain.head_index();
+            if let Some(inflight) = &mut self.inflight {
+                inflight.fetched(head);
+            }
             self.descs.clear();
             self.descs.extend(chain);
             // None: submitted to the ring; published when it completes.
@@ -372,6 +460,57 @@ impl QueueWorker {
         }
         // total <= 20.
         Ok(total as u32)
+    }
+}
+
+/// Reads the descriptor chain at `head` (following one indirect table), for resubmitting a
+/// request found in the in-flight buffer: virtio-queue 0.18 builds chains only through
+/// `pop_descriptor_chain` (`DescriptorChain::new` is crate-private).
+fn read_chain(
+    mem: &GuestMem,
+    queue: &Queue,
+    head: u16,
+    out: &mut Vec<Descriptor>,
+) -> Result<(), String> {
+    let mut table = GuestAddress(queue.desc_table());
+    let mut table_len = u32::from(queue.size());
+    let mut index = u32::from(head);
+    let mut indirect = false;
+    let mut steps = 0u32;
+    loop {
+        if index >= table_len {
+            return Err(format!(
+                "descriptor {index} is outside a table of {table_len}"
+            ));
+        }
+        steps += 1;
+        if steps > table_len {
+            return Err("the chain loops".into());
+        }
+        let addr = table
+            .0
+            .checked_add(u64::from(index) * 16)
+            .map(GuestAddress)
+            .ok_or("descriptor address overflows")?;
+        let desc: Descriptor = mem
+            .read_obj(addr)
+            .map_err(|e| format!("cannot read descriptor {index}: {e}"))?;
+        if desc.refers_to_indirect_table() {
+            if indirect || !out.is_empty() || !desc.len().is_multiple_of(16) || desc.len() == 0 {
+                return Err("bad indirect descriptor".into());
+            }
+            indirect = true;
+            table = desc.addr();
+            table_len = desc.len() / 16;
+            index = 0;
+            steps = 0;
+            continue;
+        }
+        out.push(desc);
+        if !desc.has_next() {
+            return Ok(());
+        }
+        index = u32::from(desc.next());
     }
 }
 

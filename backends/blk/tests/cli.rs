@@ -217,7 +217,8 @@ fn handshake(socket: &std::path::Path, queues: u64, readonly: bool) -> Frontend 
     let wanted = VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
     assert_eq!(protocol, wanted, "protocol features");
     frontend
         .set_protocol_features(protocol)

@@ -8,12 +8,15 @@
 //! the test. With REPLY_ACK negotiated, every message that has no reply of its own asks for an
 //! ack (NEED_REPLY), so a backend's refusal surfaces at the message that caused it.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
@@ -338,6 +341,43 @@ impl VhostUserConnection {
         self.acked("SET_VRING_ENABLE", |f| {
             f.set_vring_enable(usize::from(index), enable)
         })
+    }
+
+    /// GET_INFLIGHT_FD: asks the backend for an in-flight buffer for `num_queues` queues of
+    /// `queue_size` descriptors; returns its geometry (mmap_size/offset) and fd.
+    pub fn get_inflight_fd(
+        &mut self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<(VhostUserInflight, File), ConnectionError> {
+        if !self
+            .negotiated
+            .has_protocol(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            return Err(ConnectionError::MissingProtocolFeature(
+                VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+            ));
+        }
+        let request = VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues,
+            queue_size,
+        };
+        self.frontend
+            .get_inflight_fd(&request)
+            .map_err(msg("GET_INFLIGHT_FD"))
+    }
+
+    /// SET_INFLIGHT_FD: hands the backend the in-flight buffer (the one from the first
+    /// GET_INFLIGHT_FD, kept across reconnects).
+    pub fn set_inflight_fd(
+        &mut self,
+        inflight: &VhostUserInflight,
+        file: &File,
+    ) -> Result<(), ConnectionError> {
+        let fd = file.as_raw_fd();
+        self.acked("SET_INFLIGHT_FD", |f| f.set_inflight_fd(inflight, fd))
     }
 
     /// GET_VRING_BASE: stops the ring and returns the backend's next avail index.

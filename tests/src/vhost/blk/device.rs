@@ -10,10 +10,12 @@
 //! # let _ = (bytes, status, data);
 //! ```
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_GEOMETRY, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -113,6 +115,13 @@ impl BlkOptions {
         self
     }
 
+    /// Also acks INFLIGHT_SHMFD (when offered): the device gets an in-flight buffer from the
+    /// backend at the first connect and hands the same one to every reconnect.
+    pub fn with_inflight(mut self) -> Self {
+        self.handshake.protocol_features |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        self
+    }
+
     pub fn with_memory_message(mut self, m: MemoryMessage) -> Self {
         self.handshake.memory_message = m;
         self
@@ -126,6 +135,8 @@ pub struct BlkFrontend {
     conn: Option<VhostUserConnection>,
     config: BlkConfig,
     queues: Vec<BlkQueue>,
+    /// The in-flight buffer (INFLIGHT_SHMFD), kept across reconnects as the spec asks.
+    inflight: Option<(VhostUserInflight, File)>,
 }
 
 impl std::fmt::Debug for BlkFrontend {
@@ -169,6 +180,7 @@ impl BlkFrontend {
             conn: None,
             config,
             queues,
+            inflight: None,
         };
         dev.start(conn, false)?;
         Ok(dev)
@@ -183,6 +195,20 @@ impl BlkFrontend {
             source,
         };
         conn.set_features().map_err(hs)?;
+        if conn
+            .negotiated()
+            .has_protocol(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            if self.inflight.is_none() {
+                let got = conn
+                    .get_inflight_fd(self.opts.num_queues, self.opts.queue_size)
+                    .map_err(hs)?;
+                self.inflight = Some(got);
+            }
+            if let Some((info, file)) = &self.inflight {
+                conn.set_inflight_fd(info, file).map_err(hs)?;
+            }
+        }
         conn.set_memory(&self.mem).map_err(hs)?;
         for q in &self.queues {
             let base = q.vring().used_idx().map_err(QueueError::from)?;
@@ -269,6 +295,16 @@ impl BlkFrontend {
     /// anything in flight stay, as they would for a guest.
     pub fn disconnect(&mut self) {
         self.conn = None;
+    }
+
+    /// The in-flight buffer's geometry, when INFLIGHT_SHMFD was negotiated.
+    pub fn inflight(&self) -> Option<&VhostUserInflight> {
+        self.inflight.as_ref().map(|(info, _)| info)
+    }
+
+    /// The in-flight buffer's file (e.g. for a test to inspect what a killed backend left).
+    pub fn inflight_file(&self) -> Option<&File> {
+        self.inflight.as_ref().map(|(_, file)| file)
     }
 
     pub fn is_connected(&self) -> bool {
