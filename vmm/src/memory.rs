@@ -4,10 +4,9 @@
 //! the guest's buffers are visible to them without copies. Above [`LOW_RAM_END`] the 32-bit
 //! PCI hole (MMIO, IOAPIC, LAPIC) is left out of RAM and the rest of RAM moves above 4 GiB.
 
-use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd};
 
+use nix::sys::memfd::{memfd_create, MFdFlags};
 use thiserror::Error;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
@@ -116,16 +115,9 @@ impl GuestRam {
 }
 
 fn create_memfd(name: &str) -> Result<File, MemoryError> {
-    // The name is a fixed literal without NUL bytes; CString::new cannot fail on it.
-    let c_name = CString::new(name).map_err(|e| MemoryError::Memfd(std::io::Error::other(e)))?;
-    // SAFETY: memfd_create reads a valid NUL-terminated string and returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(c_name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    Ok(File::from(owned))
+    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC)
+        .map_err(|errno| MemoryError::Memfd(errno.into()))?;
+    Ok(File::from(fd))
 }
 
 /// One e820 entry as the boot protocols want it.

@@ -20,9 +20,11 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+
+use nix::sys::memfd::{memfd_create, MFdFlags};
 
 /// Version written into a freshly initialised queue region.
 const VERSION: u16 = 1;
@@ -87,24 +89,17 @@ impl InflightMap {
     /// returns the mapping, the fd for the frontend and its size.
     pub fn create(num_queues: u16, queue_size: u16) -> io::Result<(Self, File, u64)> {
         let size = queue_region_size(queue_size) * u64::from(num_queues);
-        // SAFETY: a NUL-terminated name; no pointers kept.
-        let fd = unsafe {
-            libc::memfd_create(
-                c"splitvmm-blk-inflight".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a descriptor just created and owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
+        let fd = memfd_create(
+            "splitvmm-blk-inflight",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )?;
+        let file = File::from(fd);
         file.set_len(size)?;
         // The frontend cannot shrink it under our mapping (which would SIGBUS us).
         // SAFETY: fcntl on an owned descriptor, no pointers.
         let rc = unsafe {
             libc::fcntl(
-                fd,
+                file.as_raw_fd(),
                 libc::F_ADD_SEALS,
                 libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
             )

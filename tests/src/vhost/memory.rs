@@ -6,12 +6,12 @@
 //! addresses with offsets into the region, or with the frontend's user addresses (what
 //! SET_VRING_ADDR carries), reads the wrong bytes and fails loudly.
 
-use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use nix::sys::memfd::{memfd_create, MFdFlags};
 use vhost::VhostUserMemoryRegionInfo;
 use vm_memory::{ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -366,15 +366,9 @@ impl Drop for OwnedBuf {
 }
 
 fn create_memfd(name: &str) -> Result<File, MemoryError> {
-    let c_name = CString::new(name).map_err(|e| MemoryError::Memfd(std::io::Error::other(e)))?;
-    // SAFETY: memfd_create reads a valid NUL-terminated string and returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(c_name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    Ok(File::from(owned))
+    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC)
+        .map_err(|errno| MemoryError::Memfd(errno.into()))?;
+    Ok(File::from(fd))
 }
 
 #[cfg(test)]
