@@ -44,7 +44,12 @@ struct Rig {
 
 impl Rig {
     fn new(size: u64) -> Self {
-        let d = BlkDaemon::with_new_image(size, &BlkDaemonOptions::default())
+        // Every failure line is counted, so the daemon's log rate limit is off.
+        let opts = BlkDaemonOptions {
+            log_burst: Some(0),
+            ..BlkDaemonOptions::default()
+        };
+        let d = BlkDaemon::with_new_image(size, &opts)
             .unwrap_or_else(|e| panic!("starting splitvmm-blk: {e}"));
         let mut dev = BlkFrontend::connect(d.socket(), BlkOptions::default()).unwrap();
         let guard = pattern((GUARD_SECTORS * SECTOR_SIZE) as usize, 0x5c);

@@ -133,6 +133,7 @@ mod tests {
             queue_size: 1024,
             serial: Arc::from(&b""[..]),
             engine: crate::io::EngineKind::Sync,
+            poll: std::time::Duration::ZERO,
         };
         let config = ConfigSpace::new(&settings);
         let all = config.read(0, 60);

@@ -180,6 +180,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         queue_size: config.queue_size,
         serial: Arc::from(config.serial.as_slice()),
         engine: config.io_engine.usable(),
+        poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
     };
     log::info!(
         "serving {} ({} sectors{}{}, {} queue(s) of up to {}, {} I/O) on {path}",

@@ -48,6 +48,9 @@ pub struct BlkDaemonOptions {
     pub direct: bool,
     /// `SPLITVMM_LOG` for the daemon.
     pub log_level: &'static str,
+    /// `SPLITVMM_LOG_BURST` for the daemon (warnings per call site per second; 0: no limit);
+    /// the daemon's default when `None`. Tests that count log lines one by one set 0.
+    pub log_burst: Option<u32>,
     /// How long the daemon may take to create its socket.
     pub start_timeout: Duration,
     /// More command-line arguments, appended as given.
@@ -63,6 +66,7 @@ impl Default for BlkDaemonOptions {
             readonly: false,
             direct: false,
             log_level: "info",
+            log_burst: None,
             start_timeout: Duration::from_secs(10),
             extra_args: Vec::new(),
         }
@@ -136,6 +140,9 @@ impl BlkDaemon {
             .arg("--num-queues")
             .arg(opts.num_queues.to_string())
             .env("SPLITVMM_LOG", opts.log_level);
+        if let Some(burst) = opts.log_burst {
+            cmd.env("SPLITVMM_LOG_BURST", burst.to_string());
+        }
         if let Some(n) = opts.queue_size {
             cmd.arg("--queue-size").arg(n.to_string());
         }
