@@ -282,7 +282,8 @@ fn clean_reconnect_with_the_same_buffer() {
     );
 }
 
-/// In-flight messages with sizes that do not fit are refused (the session ends, as for any
+/// In-flight messages with sizes that do not fit, or a buffer not sealed against shrinking, are
+/// refused (the session ends, as for any
 /// failed message) and the daemon serves the next frontend.
 #[test]
 fn bad_inflight_messages_are_refused() {
@@ -313,6 +314,8 @@ fn bad_inflight_messages_are_refused() {
         (4096, 0, 9, 1),
         // No descriptors.
         (4096, 0, 1, 0),
+        // Big enough, but a plain file that the frontend could shrink under the mapping.
+        (4096, 0, 1, 1),
     ];
     for (mmap_size, mmap_offset, num_queues, queue_size) in bad {
         let mut dev = BlkFrontend::connect(&socket, BlkOptions::default().with_inflight()).unwrap();
@@ -341,6 +344,11 @@ fn bad_inflight_messages_are_refused() {
         );
     }
     assert!(backend.is_running(), "{}", backend.stderr());
+    assert!(
+        backend.stderr().contains("not sealed against shrinking"),
+        "the unsealed buffer was not refused for its missing seal:\n{}",
+        backend.stderr()
+    );
     let mut dev = BlkFrontend::connect(&socket, BlkOptions::default().with_inflight()).unwrap();
     assert_eq!(dev.queue(0).write(0, &[7; 4096]).unwrap(), BlkStatus::Ok);
 }

@@ -139,13 +139,16 @@ impl InflightMap {
                 "in-flight buffer ends at {end}, past its file's {file_len} bytes"
             )));
         }
+        // A frontend that could shrink the file under the mapping could make this backend's
+        // next access to it fault (SIGBUS) and take the daemon down. The buffer a frontend
+        // hands back is the one GET_INFLIGHT_FD made (sealed here, and by QEMU's backends
+        // too), so a buffer without the seal is refused rather than trusted.
         // SAFETY: fcntl on a descriptor we hold, no pointers.
         let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
         if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-            log::warn!(
-                "in-flight buffer is not sealed against shrinking; a frontend that shrinks it \
-                 crashes this backend"
-            );
+            return Err(invalid(
+                "in-flight buffer is not sealed against shrinking (F_SEAL_SHRINK)".into(),
+            ));
         }
         // SAFETY: sysconf has no memory effects.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
