@@ -59,9 +59,10 @@ pub const MAX_SERIAL_BYTES: usize = 20;
     about = "vhost-user-blk backend: serves one disk image to any vhost-user frontend"
 )]
 pub struct Args {
-    /// Unix socket to listen on for the frontend (created with mode 0600).
+    /// Unix socket to listen on for the frontend (created with mode 0600). Not needed when
+    /// systemd passes a listening socket (socket activation, LISTEN_FDS).
     #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
-    pub socket: PathBuf,
+    pub socket: Option<PathBuf>,
     /// Disk image: a regular file or a block device.
     #[arg(long, value_name = "PATH")]
     pub image: PathBuf,
@@ -92,7 +93,8 @@ pub struct Args {
 /// A validated command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    pub socket: PathBuf,
+    /// None: the socket comes from systemd (checked when the daemon starts).
+    pub socket: Option<PathBuf>,
     pub image: PathBuf,
     pub readonly: bool,
     pub num_queues: u16,
@@ -194,7 +196,9 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Self, Self::Error> {
-        check_socket(&args.socket)?;
+        if let Some(socket) = &args.socket {
+            check_socket(socket)?;
+        }
         check_image(&args.image)?;
         Ok(Config {
             num_queues: parse_num_queues(&args.num_queues)?,
@@ -256,7 +260,7 @@ mod tests {
         let image = dir.join("disk.img");
         std::fs::write(&image, vec![0u8; 4096]).expect("image");
         Args {
-            socket: dir.join("blk.sock"),
+            socket: Some(dir.join("blk.sock")),
             image,
             readonly: false,
             num_queues: "1".into(),
@@ -296,7 +300,7 @@ mod tests {
             "2",
         ])
         .expect("clap");
-        assert_eq!(config.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(config.socket, Some(PathBuf::from("/tmp/x.sock")));
         assert_eq!(config.num_queues, "2");
         assert_eq!(config.queue_size, DEFAULT_QUEUE_SIZE.to_string());
     }
@@ -356,14 +360,14 @@ mod tests {
         ));
 
         let mut a = args(&dir);
-        a.socket = dir.join("no-such-folder").join("blk.sock");
+        a.socket = Some(dir.join("no-such-folder").join("blk.sock"));
         assert!(matches!(
             Config::try_from(a),
             Err(ConfigError::SocketDirMissing(_))
         ));
 
         let mut a = args(&dir);
-        a.socket = dir.to_path_buf();
+        a.socket = Some(dir.to_path_buf());
         assert!(matches!(
             Config::try_from(a),
             Err(ConfigError::SocketIsDir(_))

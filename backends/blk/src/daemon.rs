@@ -22,10 +22,15 @@ use crate::backend::{BlkSession, DeviceSettings};
 use crate::config::Config;
 use crate::disk::{Disk, DiskError};
 use crate::GuestMem;
+use splitvmm_common::activation::{self, ActivationError};
 use splitvmm_common::socket::{self, SocketError};
 
 #[derive(Debug, Error)]
 pub enum RunError {
+    #[error("no socket to serve on: give --socket PATH, or start under systemd socket activation")]
+    NoSocket,
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
     #[error(transparent)]
     Disk(#[from] DiskError),
     #[error(transparent)]
@@ -47,6 +52,17 @@ pub enum RunError {
     Session(String),
     #[error("cannot accept a frontend on {path}: {reason}")]
     Accept { path: String, reason: String },
+}
+
+impl RunError {
+    /// The exit status for this error: a missing socket is a usage error like a bad command
+    /// line (it is one, unless systemd passes the socket); the rest mean the backend cannot run.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::NoSocket => crate::EXIT_USAGE,
+            _ => crate::EXIT_RUN_ERROR,
+        }
+    }
 }
 
 /// SIGTERM/SIGINT handling shared between the signal thread and the accept loop.
@@ -162,8 +178,24 @@ pub fn run(config: Config) -> Result<(), RunError> {
     mask.thread_block().map_err(RunError::SignalMask)?;
 
     let disk = Arc::new(Disk::open(&config.image, config.readonly, config.direct)?);
-    let (listener, _socket_guard) = socket::listen(&config.socket)?;
-    let path = config.socket.display().to_string();
+    // A socket from systemd stays with systemd: its path outlives this process, so there is no
+    // guard removing it on exit.
+    let (listener, _socket_guard, path) = match activation::systemd_listener()? {
+        Some(listener) => {
+            if let Some(ignored) = &config.socket {
+                log::info!(
+                    "using the socket systemd passed; --socket {} is not created",
+                    ignored.display()
+                );
+            }
+            (listener, None, "the socket from systemd".to_owned())
+        }
+        None => {
+            let socket = config.socket.as_ref().ok_or(RunError::NoSocket)?;
+            let (listener, guard) = socket::listen(socket)?;
+            (listener, Some(guard), socket.display().to_string())
+        }
+    };
     let shutdown = Arc::new(Shutdown {
         requested: AtomicBool::new(false),
         wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(RunError::EventFd)?,

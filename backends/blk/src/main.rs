@@ -5,7 +5,7 @@
 
 use clap::Parser;
 use splitvmm_blk::config::{one_line_clap_error, Args, Config};
-use splitvmm_blk::{run, EXIT_RUN_ERROR, EXIT_USAGE};
+use splitvmm_blk::{run, EXIT_USAGE};
 
 fn main() {
     splitvmm_common::logging::init("splitvmm-blk");
@@ -34,6 +34,6 @@ fn main() {
     };
     if let Err(error) = run(config) {
         eprintln!("splitvmm-blk: {error}");
-        std::process::exit(EXIT_RUN_ERROR);
+        std::process::exit(error.exit_code());
     }
 }

@@ -50,6 +50,14 @@ fn missing_image_is_named() {
 }
 
 #[test]
+fn no_socket_and_no_socket_from_systemd_is_a_usage_error() {
+    let s = Scratch::new("no-socket");
+    let image = s.sparse_image("d.img", MIB);
+    let (status, stderr) = run_blk_expecting_exit(&[OsString::from("--image"), image.into()], None);
+    assert_one_line_error(status, &stderr, 2, &["no socket", "--socket"]);
+}
+
+#[test]
 fn bad_numbers_and_serials_are_refused() {
     let s = Scratch::new("bad-numbers");
     let image = s.sparse_image("d.img", MIB);
