@@ -4,11 +4,13 @@
 //! place across backend restarts, so a frontend never finds the path missing.
 //!
 //! This module takes that descriptor once, checks that it is a listening unix stream socket,
-//! and clears the variables so that child processes do not take it for theirs.
+//! and clears the variables so that child processes do not take it for theirs. It also takes
+//! the other socket a backend may inherit: one already connected to its frontend (the
+//! vhost-user spec's `--fd FDNUM`).
 
 use std::io;
 use std::os::fd::{FromRawFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use thiserror::Error;
@@ -29,6 +31,8 @@ pub enum ActivationError {
     NotAListeningUnixSocket { fd: RawFd, reason: String },
     #[error("the socket from systemd was already taken")]
     AlreadyTaken,
+    #[error("--fd {fd}: not a connected unix stream socket: {reason}")]
+    NotAConnectedUnixSocket { fd: RawFd, reason: String },
 }
 
 /// What the environment says about socket activation, without touching any descriptor.
@@ -91,6 +95,32 @@ pub fn systemd_listener() -> Result<Option<UnixListener>, ActivationError> {
     Ok(Some(unsafe { UnixListener::from_raw_fd(LISTEN_FDS_START) }))
 }
 
+/// Takes descriptor `fd`, inherited already connected to the frontend (`--fd`), after checking
+/// that it is a connected unix stream socket. Call it once per descriptor, before any thread
+/// is started.
+pub fn connected_socket(fd: RawFd) -> Result<UnixStream, ActivationError> {
+    let fail = |reason: String| ActivationError::NotAConnectedUnixSocket { fd, reason };
+    if fd <= libc::STDERR_FILENO {
+        return Err(fail(
+            "descriptors 0 to 2 are stdin, stdout and stderr".into(),
+        ));
+    }
+    check_unix_stream_socket(fd).map_err(|e| match e {
+        ActivationError::NotAListeningUnixSocket { reason, .. } => fail(reason),
+        other => other,
+    })?;
+    if socket_option(fd, libc::SO_ACCEPTCONN).map_err(|e| fail(e.to_string()))? != 0 {
+        return Err(fail(
+            "it is a listening socket (use --socket or systemd activation)".into(),
+        ));
+    }
+    // SAFETY: fcntl on a descriptor the check above found open; no pointers.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: the caller hands over a descriptor it inherited for this purpose and takes it only
+    // once (documented above); it was just checked to be an open unix stream socket.
+    Ok(unsafe { UnixStream::from_raw_fd(fd) })
+}
+
 fn socket_option(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -110,7 +140,7 @@ fn socket_option(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
     Ok(value)
 }
 
-fn check_listening_unix_socket(fd: RawFd) -> Result<(), ActivationError> {
+fn check_unix_stream_socket(fd: RawFd) -> Result<(), ActivationError> {
     let fail = |reason: String| ActivationError::NotAListeningUnixSocket { fd, reason };
     let domain = socket_option(fd, libc::SO_DOMAIN).map_err(|e| fail(e.to_string()))?;
     if domain != libc::AF_UNIX {
@@ -120,6 +150,12 @@ fn check_listening_unix_socket(fd: RawFd) -> Result<(), ActivationError> {
     if kind != libc::SOCK_STREAM {
         return Err(fail(format!("socket type {kind}, not SOCK_STREAM")));
     }
+    Ok(())
+}
+
+fn check_listening_unix_socket(fd: RawFd) -> Result<(), ActivationError> {
+    let fail = |reason: String| ActivationError::NotAListeningUnixSocket { fd, reason };
+    check_unix_stream_socket(fd)?;
     if socket_option(fd, libc::SO_ACCEPTCONN).map_err(|e| fail(e.to_string()))? == 0 {
         return Err(fail(
             "it does not listen (use ListenStream=, not Accept=yes)".into(),
@@ -158,6 +194,10 @@ mod tests {
         let listener = UnixListener::bind(dir.join("s")).expect("bind");
         check_listening_unix_socket(std::os::fd::AsRawFd::as_raw_fd(&listener))
             .expect("a listening unix socket");
+        let err = connected_socket(std::os::fd::AsRawFd::as_raw_fd(&listener))
+            .expect_err("a listening socket is not a connection");
+        assert!(err.to_string().contains("listening"), "{err}");
+        assert!(connected_socket(1).is_err(), "stdout taken as a socket");
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

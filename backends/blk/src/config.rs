@@ -63,6 +63,10 @@ pub struct Args {
     /// systemd passes a listening socket (socket activation, LISTEN_FDS).
     #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Serve one frontend on this inherited descriptor, a socket already connected to it (the
+    /// vhost-user spec's backend convention); exit when it hangs up.
+    #[arg(long, value_name = "FDNUM", conflicts_with = "socket")]
+    pub fd: Option<i32>,
     /// Disk image: a regular file or a block device.
     #[arg(long, value_name = "PATH")]
     pub image: PathBuf,
@@ -93,8 +97,9 @@ pub struct Args {
 /// A validated command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// None: the socket comes from systemd (checked when the daemon starts).
+    /// None: the socket comes from systemd or `fd` (checked when the daemon starts).
     pub socket: Option<PathBuf>,
+    pub fd: Option<i32>,
     pub image: PathBuf,
     pub readonly: bool,
     pub num_queues: u16,
@@ -206,6 +211,7 @@ impl TryFrom<Args> for Config {
             serial: check_serial(args.serial)?,
             poll_us: parse_poll_us(&args.poll_us)?,
             socket: args.socket,
+            fd: args.fd,
             image: args.image,
             readonly: args.readonly,
             direct: args.direct,
@@ -261,6 +267,7 @@ mod tests {
         std::fs::write(&image, vec![0u8; 4096]).expect("image");
         Args {
             socket: Some(dir.join("blk.sock")),
+            fd: None,
             image,
             readonly: false,
             num_queues: "1".into(),

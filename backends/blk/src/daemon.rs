@@ -7,7 +7,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::disk::{Disk, DiskError};
 use crate::GuestMem;
 use splitvmm_common::activation::{self, ActivationError};
-use splitvmm_common::socket::{self, SocketError};
+use splitvmm_common::socket::{self, SocketError, SocketGuard};
 
 #[derive(Debug, Error)]
 pub enum RunError {
@@ -71,7 +71,11 @@ struct Shutdown {
     wake: EventFd,
     /// A duplicate of the listening socket's descriptor, owned here so that it stays valid for
     /// as long as the signal thread may use it (shutdown() acts on the socket, not the fd).
-    listener: UnixListener,
+    listener: Option<UnixListener>,
+    /// Whether a signal may shut the listening socket down to unblock an accept(). Not for a
+    /// socket from systemd: shutdown() acts on the socket that systemd keeps for the next
+    /// instance of this backend, which could then never accept again.
+    shut_listener: bool,
     active: Mutex<Option<ShutdownHandle>>,
 }
 
@@ -85,9 +89,13 @@ impl Shutdown {
         self.requested.store(true, Ordering::Release);
         // Wakes the accept loop's poll. A failure means the counter is saturated: already awake.
         let _ = self.wake.write(1);
-        // Wakes an accept() that is already blocked (Linux fails it with EINVAL).
-        // SAFETY: shutdown() on a descriptor this struct owns; no pointers.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        // Wakes an accept() that is already blocked (Linux fails it with EINVAL). With a socket
+        // from systemd, only the poll wakes; an accept() blocks only when a frontend left between
+        // the poll and the accept, until the next frontend connects.
+        if let Some(listener) = self.listener.as_ref().filter(|_| self.shut_listener) {
+            // SAFETY: shutdown() on a descriptor this struct owns; no pointers.
+            unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+        }
         if let Some(handle) = self
             .active
             .lock()
@@ -111,13 +119,16 @@ impl Shutdown {
 
     /// Blocks until a frontend is waiting (true) or shutdown was requested (false).
     fn wait_for_frontend(&self, path: &str) -> Result<bool, RunError> {
+        let Some(listener) = &self.listener else {
+            return Ok(false);
+        };
         loop {
             if self.requested() {
                 return Ok(false);
             }
             let mut fds = [
                 libc::pollfd {
-                    fd: self.listener.as_raw_fd(),
+                    fd: listener.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 },
@@ -178,31 +189,19 @@ pub fn run(config: Config) -> Result<(), RunError> {
     mask.thread_block().map_err(RunError::SignalMask)?;
 
     let disk = Arc::new(Disk::open(&config.image, config.readonly, config.direct)?);
-    // A socket from systemd stays with systemd: its path outlives this process, so there is no
-    // guard removing it on exit.
-    let (listener, _socket_guard, path) = match activation::systemd_listener()? {
-        Some(listener) => {
-            if let Some(ignored) = &config.socket {
-                log::info!(
-                    "using the socket systemd passed; --socket {} is not created",
-                    ignored.display()
-                );
-            }
-            (listener, None, "the socket from systemd".to_owned())
-        }
-        None => {
-            let socket = config.socket.as_ref().ok_or(RunError::NoSocket)?;
-            let (listener, guard) = socket::listen(socket)?;
-            (listener, Some(guard), socket.display().to_string())
-        }
-    };
+    let source = FrontendSource::open(&config)?;
     let shutdown = Arc::new(Shutdown {
         requested: AtomicBool::new(false),
         wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(RunError::EventFd)?,
-        listener: listener.try_clone().map_err(RunError::DupListener)?,
+        listener: match &source {
+            FrontendSource::Listen { listener, .. } => {
+                Some(listener.try_clone().map_err(RunError::DupListener)?)
+            }
+            FrontendSource::Connected(_) => None,
+        },
+        shut_listener: matches!(source, FrontendSource::Listen { guard: Some(_), .. }),
         active: Mutex::new(None),
     });
-    let mut listener = Listener::from(listener);
     start_signal_thread(shutdown.clone(), mask)?;
     // Probed here, once the command line and the socket are known good: where io_uring is
     // unavailable this logs the one fallback line.
@@ -215,7 +214,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
     };
     log::info!(
-        "serving {} ({} sectors{}{}, {} queue(s) of up to {}, {} I/O) on {path}",
+        "serving {} ({} sectors{}{}, {} queue(s) of up to {}, {} I/O) on {}",
         disk.path().display(),
         disk.capacity_sectors(),
         if disk.readonly() { ", read-only" } else { "" },
@@ -223,23 +222,101 @@ pub fn run(config: Config) -> Result<(), RunError> {
         config.num_queues,
         config.queue_size,
         settings.engine.name(),
+        source.describe(),
     );
 
+    let (listener, _socket_guard, path) = match source {
+        FrontendSource::Connected(stream) => {
+            // One frontend, already connected: serve it, then exit.
+            let path = format!("descriptor {}", stream.as_raw_fd());
+            serve_session(
+                1,
+                &settings,
+                |d| d.start_with_stream(stream),
+                &shutdown,
+                &path,
+            )?;
+            log::info!("the frontend on {path} is gone; exiting");
+            return Ok(());
+        }
+        FrontendSource::Listen {
+            listener,
+            guard,
+            path,
+        } => (Listener::from(listener), guard, path),
+    };
+    let mut listener = listener;
     let mut session_number: u64 = 0;
     while shutdown.wait_for_frontend(&path)? {
         session_number += 1;
-        serve_session(session_number, &settings, &mut listener, &shutdown, &path)?;
+        serve_session(
+            session_number,
+            &settings,
+            |d| d.start(&mut listener),
+            &shutdown,
+            &path,
+        )?;
     }
     log::info!("stopped after {session_number} session(s)");
-    // `_socket_guard` removes the socket file; the listener closes after it.
+    // `_socket_guard` removes the socket file (one this process made); the listener closes
+    // after it.
     Ok(())
 }
 
-/// Accepts one frontend and serves it until it goes away.
+/// Where frontends come from.
+enum FrontendSource {
+    /// A listening socket: one this process made at `--socket` (with the guard that removes
+    /// it), or one from systemd (no guard: the path is systemd's).
+    Listen {
+        listener: UnixListener,
+        guard: Option<SocketGuard>,
+        path: String,
+    },
+    /// `--fd`: a socket already connected to the one frontend to serve.
+    Connected(UnixStream),
+}
+
+impl FrontendSource {
+    fn open(config: &Config) -> Result<Self, RunError> {
+        if let Some(fd) = config.fd {
+            return Ok(FrontendSource::Connected(activation::connected_socket(fd)?));
+        }
+        if let Some(listener) = activation::systemd_listener()? {
+            if let Some(ignored) = &config.socket {
+                log::info!(
+                    "using the socket systemd passed; --socket {} is not created",
+                    ignored.display()
+                );
+            }
+            return Ok(FrontendSource::Listen {
+                listener,
+                guard: None,
+                path: "the socket from systemd".to_owned(),
+            });
+        }
+        let socket = config.socket.as_ref().ok_or(RunError::NoSocket)?;
+        let (listener, guard) = socket::listen(socket)?;
+        Ok(FrontendSource::Listen {
+            listener,
+            guard: Some(guard),
+            path: socket.display().to_string(),
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            FrontendSource::Listen { path, .. } => path.clone(),
+            FrontendSource::Connected(stream) => format!("descriptor {}", stream.as_raw_fd()),
+        }
+    }
+}
+
+/// Gets one frontend through `connect` (accept on the listener, or the connected socket) and
+/// serves it until it goes away.
 fn serve_session(
     number: u64,
     settings: &DeviceSettings,
-    listener: &mut Listener,
+    connect: impl FnOnce(&mut VhostUserDaemon<Arc<BlkSession>>) -> Result<(), DaemonError>,
     shutdown: &Shutdown,
     path: &str,
 ) -> Result<(), RunError> {
@@ -253,7 +330,7 @@ fn serve_session(
     session
         .register_completion_fds(&daemon.get_epoll_handlers())
         .map_err(|e| RunError::Session(format!("cannot watch io_uring completions: {e}")))?;
-    if let Err(e) = daemon.start(listener) {
+    if let Err(e) = connect(&mut daemon) {
         drop(daemon);
         session.release_exit_fds();
         if shutdown.requested() {

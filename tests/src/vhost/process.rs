@@ -102,6 +102,19 @@ impl BackendProcess {
         socket: PathBuf,
         within: Duration,
     ) -> Result<Self, ProcessError> {
+        Self::spawn_with_stdin(name, cmd, Stdio::null(), dir, socket, within)
+    }
+
+    /// Like [`Self::spawn`] with `stdin` as the process's standard input (e.g. a socket it
+    /// is to inherit, which a shell can move to another descriptor).
+    pub fn spawn_with_stdin(
+        name: &str,
+        cmd: &mut Command,
+        stdin: Stdio,
+        dir: &Path,
+        socket: PathBuf,
+        within: Duration,
+    ) -> Result<Self, ProcessError> {
         let file = |ext: &str| {
             let path = dir.join(format!("{name}.{ext}"));
             File::create(&path)
@@ -110,7 +123,7 @@ impl BackendProcess {
         };
         let (out, _) = file("out")?;
         let (err, stderr_path) = file("err")?;
-        cmd.stdin(Stdio::null())
+        cmd.stdin(stdin)
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
         let child = OwnedChild::spawn(cmd, true).map_err(|source| ProcessError::Spawn {

@@ -203,6 +203,13 @@ where
         self.start_daemon(backend_handler)
     }
 
+    /// splitvmm patch: serve a socket that is already connected to the frontend (the
+    /// vhost-user spec's `--fd` backend option), on a dedicated thread, until it hangs up.
+    pub fn start_with_stream(&mut self, stream: UnixStream) -> Result<()> {
+        let backend_handler = BackendReqHandler::from_stream(stream, self.handler.clone());
+        self.start_daemon(backend_handler)
+    }
+
     /// Listen to the vhost-user socket and run a dedicated thread handling all requests coming
     /// through this socket.
     ///

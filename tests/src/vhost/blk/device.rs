@@ -164,7 +164,40 @@ impl BlkFrontend {
         mem: Arc<FrontendMemory>,
     ) -> Result<Self, DeviceError> {
         let socket = socket.as_ref().to_owned();
-        let mut conn = open(&socket, &opts)?;
+        let conn = open(&socket, &opts)?;
+        Self::start_on(socket, conn, opts, mem)
+    }
+
+    /// Like [`Self::connect`] over a stream already connected to the backend (e.g. one end of a
+    /// socketpair whose other end the backend got with `--fd`); `name` stands for the socket
+    /// path in errors, and reconnecting is not possible.
+    pub fn over_stream(
+        stream: std::os::unix::net::UnixStream,
+        name: &str,
+        opts: BlkOptions,
+    ) -> Result<Self, DeviceError> {
+        let socket = std::path::PathBuf::from(name);
+        let hs = HandshakeOptions {
+            num_queues: opts.num_queues,
+            virtio_features: opts.features,
+            ..opts.handshake.clone()
+        };
+        let conn = VhostUserConnection::handshake(stream, &hs).map_err(|source| {
+            DeviceError::Handshake {
+                socket: socket.clone(),
+                source,
+            }
+        })?;
+        let mem = FrontendMemory::new(opts.memory_size)?;
+        Self::start_on(socket, conn, opts, mem)
+    }
+
+    fn start_on(
+        socket: std::path::PathBuf,
+        mut conn: VhostUserConnection,
+        opts: BlkOptions,
+        mem: Arc<FrontendMemory>,
+    ) -> Result<Self, DeviceError> {
         let config = read_config(&socket, &mut conn)?;
         let mut queues = Vec::with_capacity(usize::from(opts.num_queues));
         let event_idx = conn.negotiated().has_feature(VIRTIO_RING_F_EVENT_IDX);
