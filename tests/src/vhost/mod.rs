@@ -39,6 +39,7 @@ pub mod blk;
 pub mod blk_daemon;
 pub mod connection;
 pub mod memory;
+pub mod net;
 pub mod process;
 pub mod qsd;
 pub mod ring_format;
