@@ -283,10 +283,14 @@ impl UringIo {
             }
         };
         if n < 0 {
-            if slot.kind == Kind::Write
-                && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP)
-            {
-                self.nowait_writes = false;
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+                // The filesystem has no RWF_NOWAIT for this kind (ext4 for buffered writes,
+                // FUSE for both): stop paying a failing syscall per request.
+                if slot.kind == Kind::Write {
+                    self.nowait_writes = false;
+                } else {
+                    self.nowait = false;
+                }
             }
             // EAGAIN (would block) and real errors alike: the ring does it and reports.
             return false;
