@@ -35,9 +35,10 @@ pub const MAX_TAP_NAME: usize = 15;
     about = "vhost-user-net backend: serves a tap device to any vhost-user frontend"
 )]
 pub struct Args {
-    /// Unix socket to listen on for the frontend (created with mode 0600).
+    /// Unix socket to listen on for the frontend (created with mode 0600). Not needed when
+    /// systemd (or splitvmm-supervise) passes a listening socket (LISTEN_FDS).
     #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
-    pub socket: PathBuf,
+    pub socket: Option<PathBuf>,
     /// Tap interface to attach to, created when it does not exist.
     #[arg(
         long,
@@ -96,7 +97,8 @@ impl HostIp {
 /// A validated command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    pub socket: PathBuf,
+    /// None: the socket comes from systemd (checked when the daemon starts).
+    pub socket: Option<PathBuf>,
     pub tap: TapSource,
     pub mac: [u8; 6],
     pub mtu: u16,
@@ -261,7 +263,9 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Self, Self::Error> {
-        check_socket(&args.socket)?;
+        if let Some(socket) = &args.socket {
+            check_socket(socket)?;
+        }
         let num_queue_pairs = parse_pairs(&args.num_queue_pairs)?;
         let tap = match (args.tap, args.tap_fd) {
             (Some(name), _) => {
@@ -356,7 +360,7 @@ mod tests {
     fn socket_path_alias() {
         let a = Args::try_parse_from(["splitvmm-net", "--socket-path", "/tmp/x", "--tap", "t"])
             .expect("clap");
-        assert_eq!(a.socket, PathBuf::from("/tmp/x"));
+        assert_eq!(a.socket, Some(PathBuf::from("/tmp/x")));
     }
 
     #[test]
@@ -417,9 +421,9 @@ mod tests {
 
     #[test]
     fn clap_errors_become_one_line() {
-        let err = Args::try_parse_from(["splitvmm-net", "--tap", "t"]).expect_err("no socket");
+        let err = Args::try_parse_from(["splitvmm-net", "--socket", "/tmp/s"]).expect_err("no tap");
         let line = one_line_clap_error(&err);
         assert!(!line.contains('\n'), "{line}");
-        assert!(line.contains("--socket"), "{line}");
+        assert!(line.contains("--tap"), "{line}");
     }
 }

@@ -8,15 +8,13 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use nix::sys::signal::{SigSet, Signal};
 use thiserror::Error;
-use vhost::vhost_user::{Error as VhostError, Listener};
+use vhost::vhost_user::Error as VhostError;
 use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
@@ -26,10 +24,15 @@ use crate::config::{format_mac, Config};
 use crate::stats::PairStats;
 use crate::watch::{TapSet, WatchError};
 use crate::GuestMem;
+use splitvmm_common::activation;
 use splitvmm_common::socket::{self, SocketError};
 
 #[derive(Debug, Error)]
 pub enum RunError {
+    #[error("no socket to serve on: give --socket PATH, or start under systemd socket activation")]
+    NoSocket,
+    #[error(transparent)]
+    Activation(#[from] splitvmm_common::activation::ActivationError),
     #[error(transparent)]
     Tap(#[from] WatchError),
     #[error(transparent)]
@@ -41,8 +44,6 @@ pub enum RunError {
         what: &'static str,
         source: io::Error,
     },
-    #[error("cannot create a private folder for the message relay: {0}")]
-    PrivateDir(io::Error),
     #[error("cannot create the shutdown eventfd: {0}")]
     EventFd(io::Error),
     #[error("cannot duplicate the listening socket: {0}")]
@@ -55,6 +56,17 @@ pub enum RunError {
     Accept { path: String, reason: String },
 }
 
+impl RunError {
+    /// The exit status: a missing socket is a usage error like a bad command line; the rest
+    /// mean the backend cannot run.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::NoSocket => crate::EXIT_USAGE,
+            _ => crate::EXIT_RUN_ERROR,
+        }
+    }
+}
+
 /// SIGTERM/SIGINT handling shared between the signal thread and the accept loop.
 struct Shutdown {
     requested: AtomicBool,
@@ -62,6 +74,10 @@ struct Shutdown {
     /// A duplicate of the listening socket's descriptor, owned here so that it stays valid for
     /// as long as the signal thread may use it (shutdown() acts on the socket, not the fd).
     listener: UnixListener,
+    /// Whether a signal may shut the listening socket down to unblock an accept(). Not for a
+    /// socket from systemd or a supervisor: shutdown() acts on the socket they keep for the next
+    /// instance of this backend, which could then never accept again.
+    shut_listener: bool,
     active: Mutex<Option<ShutdownHandle>>,
 }
 
@@ -76,8 +92,10 @@ impl Shutdown {
         // Wakes the accept loop's poll. A failure means the counter is saturated: already awake.
         let _ = self.wake.write(1);
         // Wakes an accept() that is already blocked (Linux fails it with EINVAL).
-        // SAFETY: shutdown() on a descriptor this struct owns; no pointers.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if self.shut_listener {
+            // SAFETY: shutdown() on a descriptor this struct owns; no pointers.
+            unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        }
         if let Some(handle) = self
             .active
             .lock()
@@ -167,23 +185,42 @@ pub fn run(config: Config) -> Result<(), RunError> {
     mask.add(Signal::SIGINT);
     mask.thread_block().map_err(RunError::SignalMask)?;
 
+    // A socket from systemd (or splitvmm-supervise) is theirs: never removed or shut down here.
+    let inherited = activation::systemd_listener()?;
+    let own_socket = match (&inherited, &config.socket) {
+        (Some(_), Some(ignored)) => {
+            log::info!(
+                "using the socket systemd passed; --socket {} is not created",
+                ignored.display()
+            );
+            None
+        }
+        (Some(_), None) => None,
+        (None, Some(path)) => Some(path),
+        (None, None) => return Err(RunError::NoSocket),
+    };
     // A live socket is refused before the tap is touched; the socket is created only once the
     // tap is ready, so a frontend (or a test) that sees the socket finds the tap set up.
-    if socket::probe(&config.socket)? == socket::SocketState::Live {
-        return Err(SocketError::InUse {
-            path: config.socket.clone(),
+    if let Some(path) = own_socket {
+        if socket::probe(path)? == socket::SocketState::Live {
+            return Err(SocketError::InUse { path: path.clone() }.into());
         }
-        .into());
     }
     let tap = TapSet::open(&config)?;
     tap.start_watcher()?;
-    let private = PrivateDir::new().map_err(RunError::PrivateDir)?;
-    let (listener, _socket_guard) = socket::listen(&config.socket)?;
-    let path = config.socket.display().to_string();
+    let (listener, _socket_guard, path) = match (inherited, own_socket) {
+        (Some(listener), _) => (listener, None, "the socket from systemd".to_owned()),
+        (None, Some(path)) => {
+            let (listener, guard) = socket::listen(path)?;
+            (listener, Some(guard), path.display().to_string())
+        }
+        (None, None) => return Err(RunError::NoSocket),
+    };
     let shutdown = Arc::new(Shutdown {
         requested: AtomicBool::new(false),
         wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(RunError::EventFd)?,
         listener: listener.try_clone().map_err(RunError::DupListener)?,
+        shut_listener: _socket_guard.is_some(),
         active: Mutex::new(None),
     });
     start_signal_thread(shutdown.clone(), mask)?;
@@ -213,58 +250,11 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let mut session_number: u64 = 0;
     while shutdown.wait_for_frontend(&path)? {
         session_number += 1;
-        serve_session(
-            session_number,
-            &settings,
-            &listener,
-            &private.0,
-            &shutdown,
-            &path,
-        )?;
+        serve_session(session_number, &settings, &listener, &shutdown, &path)?;
     }
     log::info!("stopped after {session_number} session(s)");
     // `_socket_guard` removes the socket file; the listener closes after it.
     Ok(())
-}
-
-/// A folder only this process can enter (mode 0700, random name), for the relay's internal
-/// sockets; removed on drop.
-struct PrivateDir(PathBuf);
-
-impl PrivateDir {
-    fn new() -> io::Result<Self> {
-        let template = std::env::temp_dir().join("splitvmm-net-XXXXXX");
-        let mut bytes = template.into_os_string().into_vec();
-        bytes.push(0);
-        // SAFETY: `bytes` is a NUL-terminated template ending in XXXXXX that mkdtemp rewrites
-        // in place; it outlives the call.
-        let rc = unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) };
-        if rc.is_null() {
-            return Err(io::Error::last_os_error());
-        }
-        bytes.pop();
-        Ok(PrivateDir(PathBuf::from(std::ffi::OsString::from_vec(
-            bytes,
-        ))))
-    }
-}
-
-impl Drop for PrivateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The crate's end of the relay (see `relay`): a listener in the private folder with one
-/// connection queued, which `VhostUserDaemon::start` accepts; the relay threads join it to
-/// the frontend's connection. Its file is removed at once: nobody else can connect.
-fn relay_listener(frontend: UnixStream, private: &Path) -> Result<Listener, String> {
-    let internal_path = private.join("relay.sock");
-    let (internal, guard) = socket::listen(&internal_path).map_err(|e| e.to_string())?;
-    let backend = UnixStream::connect(&internal_path).map_err(|e| e.to_string())?;
-    drop(guard);
-    crate::relay::start(frontend, backend).map_err(|e| e.to_string())?;
-    Ok(Listener::from(internal))
 }
 
 /// Accepts one frontend and serves it until it goes away.
@@ -272,7 +262,6 @@ fn serve_session(
     number: u64,
     settings: &DeviceSettings,
     listener: &UnixListener,
-    private: &Path,
     shutdown: &Shutdown,
     path: &str,
 ) -> Result<(), RunError> {
@@ -286,8 +275,12 @@ fn serve_session(
             })
         }
     };
-    let mut internal = match relay_listener(frontend, private) {
-        Ok(l) => l,
+    // The crate's end of the relay (see `relay`): one end of a socketpair, served with
+    // start_with_stream; the relay threads join the other end to the frontend's connection.
+    let internal = match UnixStream::pair()
+        .and_then(|(ours, crates)| crate::relay::start(frontend, ours).map(|()| crates))
+    {
+        Ok(stream) => stream,
         Err(e) => {
             // This frontend is dropped; the next one may fare better.
             log::error!("session {number}: cannot set up the message relay: {e}");
@@ -304,7 +297,7 @@ fn serve_session(
     session
         .register_tap_pollers(&daemon.get_epoll_handlers())
         .map_err(|e| RunError::Session(format!("cannot watch the tap: {e}")))?;
-    if let Err(e) = daemon.start(&mut internal) {
+    if let Err(e) = daemon.start_with_stream(internal) {
         drop(daemon);
         session.release_exit_fds();
         if shutdown.requested() {

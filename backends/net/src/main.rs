@@ -5,7 +5,7 @@
 
 use clap::Parser;
 use splitvmm_net::config::{one_line_clap_error, Args, Config};
-use splitvmm_net::{run, EXIT_RUN_ERROR, EXIT_USAGE};
+use splitvmm_net::{run, EXIT_USAGE};
 
 fn main() {
     splitvmm_common::logging::init("splitvmm-net");
@@ -34,6 +34,6 @@ fn main() {
     };
     if let Err(error) = run(config) {
         eprintln!("splitvmm-net: {error}");
-        std::process::exit(EXIT_RUN_ERROR);
+        std::process::exit(error.exit_code());
     }
 }
