@@ -37,6 +37,7 @@ mod nested;
 pub mod outcome;
 mod process;
 mod pump;
+pub mod retry;
 pub mod scenario;
 mod workdir;
 
@@ -107,7 +108,7 @@ pub fn run(scenario: &Scenario) -> Result<Outcome, LaneError> {
 /// Runs `scenario` in `lane`.
 pub fn run_in(lane: Lane, scenario: &Scenario) -> Result<Outcome, LaneError> {
     match lane {
-        Lane::Nested => nested::run(scenario),
+        Lane::Nested => retry::with_retries(scenario, nested::run),
         Lane::Direct => direct::run(scenario),
     }
 }

@@ -32,6 +32,9 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Each marker with the time it was read, from the same start as `elapsed`.
     pub timeline: Vec<(Duration, Marker)>,
+    /// Runs before this one that ended in a fault of the nested lane itself (see
+    /// [`super::retry`]), each with what happened.
+    pub lane_faults: Vec<String>,
 }
 
 impl Outcome {
@@ -53,6 +56,7 @@ impl Outcome {
             l1_kvm: None,
             elapsed,
             timeline,
+            lane_faults: Vec::new(),
         };
         for (_, marker) in &outcome.timeline {
             match marker {
@@ -135,7 +139,7 @@ impl Outcome {
     /// One line: lane, exit codes, time, results.
     pub fn summary(&self) -> String {
         format!(
-            "{} [{}]: host rc {}, vmm exit {}, guest rc {}, l1 kvm {:?}, {:.1} s, results {:?}",
+            "{} [{}]: host rc {}, vmm exit {}, guest rc {}, l1 kvm {:?}, {:.1} s, results {:?}{}",
             self.scenario,
             self.lane,
             show(self.host_rc),
@@ -143,7 +147,15 @@ impl Outcome {
             show(self.guest_rc),
             self.l1_kvm,
             self.elapsed.as_secs_f64(),
-            self.results
+            self.results,
+            if self.lane_faults.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", after nested-lane faults: {}",
+                    self.lane_faults.join("; ")
+                )
+            }
         )
     }
 }

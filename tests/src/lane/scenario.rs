@@ -92,6 +92,9 @@ pub struct Scenario {
     /// Keep the run's folder (scripts, payload, console log) when it fails (default true); a
     /// test that expects the failure turns it off.
     pub keep_failed: bool,
+    /// Nested lane: how many times to run the scenario again after a fault of the nested lane
+    /// itself (see [`super::retry`]); 0 for scenarios that provoke resets on purpose.
+    pub nested_retries: u32,
 }
 
 impl Scenario {
@@ -109,6 +112,7 @@ impl Scenario {
             timeout: Duration::from_secs(180),
             l1: L1Config::default(),
             keep_failed: true,
+            nested_retries: super::retry::DEFAULT_NESTED_RETRIES,
         }
     }
 
@@ -162,6 +166,12 @@ impl Scenario {
 
     pub fn keep_failed(mut self, keep: bool) -> Self {
         self.keep_failed = keep;
+        self
+    }
+
+    /// For scenarios whose guest resets or triple-faults on purpose: a fault is the result.
+    pub fn no_nested_retries(mut self) -> Self {
+        self.nested_retries = 0;
         self
     }
 
