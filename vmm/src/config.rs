@@ -42,6 +42,170 @@ pub struct Args {
     /// Number of vCPUs (1 to the smaller of KVM's limit and 254).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub vcpus: u16,
+    /// A virtio-blk disk served by a vhost-user backend listening on PATH (repeatable).
+    #[arg(
+        long,
+        value_name = "socket=PATH[,num_queues=N,queue_size=N,readonly=on]"
+    )]
+    pub disk: Vec<String>,
+    /// A virtio-net NIC served by a vhost-user backend listening on PATH (repeatable).
+    #[arg(
+        long,
+        value_name = "socket=PATH[,mac=MAC,num_queue_pairs=N,queue_size=N]"
+    )]
+    pub net: Vec<String>,
+}
+
+/// Most NICs one VM may have.
+pub const MAX_NICS: usize = 8;
+/// Queue pairs per NIC (the backend's limit too).
+pub const MAX_QUEUE_PAIRS: u16 = 16;
+
+/// One `--net`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub socket: PathBuf,
+    /// The guest's MAC; `None`: what the backend's config space says.
+    pub mac: Option<[u8; 6]>,
+    pub num_queue_pairs: u16,
+    pub queue_size: u16,
+}
+
+impl NetConfig {
+    /// Parses `socket=PATH[,mac=MAC,num_queue_pairs=N,queue_size=N]`.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let bad = |problem: String| ConfigError::Net {
+            value: text.to_owned(),
+            problem,
+        };
+        let mut socket = None;
+        let mut mac = None;
+        let mut num_queue_pairs = 1u16;
+        let mut queue_size = DEFAULT_QUEUE_SIZE;
+        for (key, value) in key_values(text).map_err(bad)? {
+            match key {
+                "socket" => socket = Some(PathBuf::from(value)),
+                "mac" => {
+                    mac = Some(parse_mac(value).ok_or_else(|| {
+                        bad(format!(
+                            "mac={value}: not a unicast MAC like 52:54:00:12:34:56"
+                        ))
+                    })?)
+                }
+                "num_queue_pairs" => {
+                    num_queue_pairs = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_QUEUE_PAIRS).contains(n))
+                        .ok_or_else(|| {
+                            bad(format!("num_queue_pairs={value}: 1 to {MAX_QUEUE_PAIRS}"))
+                        })?
+                }
+                "queue_size" => queue_size = parse_queue_size(value).map_err(bad)?,
+                _ => return Err(bad(format!("unknown option {key:?}"))),
+            }
+        }
+        let socket = socket.ok_or_else(|| bad("socket=PATH is missing".into()))?;
+        Ok(NetConfig {
+            socket,
+            mac,
+            num_queue_pairs,
+            queue_size,
+        })
+    }
+}
+
+/// `key=value` pairs separated by commas; an empty value is refused.
+fn key_values(text: &str) -> Result<Vec<(&str, &str)>, String> {
+    text.split(',')
+        .map(|option| match option.split_once('=') {
+            Some((key, "")) => Err(format!("{key}= needs a value")),
+            Some(pair) => Ok(pair),
+            None => Err(format!("{option:?} is not key=value")),
+        })
+        .collect()
+}
+
+fn parse_queue_size(value: &str) -> Result<u16, String> {
+    value
+        .parse()
+        .ok()
+        .filter(|n: &u16| n.is_power_of_two() && *n <= MAX_QUEUE_SIZE)
+        .ok_or_else(|| format!("queue_size={value}: a power of two up to {MAX_QUEUE_SIZE}"))
+}
+
+/// Six hex bytes separated by colons; multicast addresses (bit 0 of the first byte) refused.
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
+}
+
+/// Most disks one VM may have (PCI slots are shared with the host bridge and NICs).
+pub const MAX_DISKS: usize = 16;
+/// Most queues per disk (the backend's limit too).
+pub const MAX_DISK_QUEUES: u16 = 64;
+/// Largest virtqueue size (virtio 1.2, 2.7: 32768).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Queue size when `queue_size` is not given (what QEMU uses for virtio-blk).
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+
+/// One `--disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub socket: PathBuf,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub readonly: bool,
+}
+
+impl DiskConfig {
+    /// Parses `socket=PATH[,num_queues=N,queue_size=N,readonly=on|off]`.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let bad = |problem: String| ConfigError::Disk {
+            value: text.to_owned(),
+            problem,
+        };
+        let mut socket = None;
+        let mut num_queues = 1u16;
+        let mut queue_size = DEFAULT_QUEUE_SIZE;
+        let mut readonly = false;
+        for (key, value) in key_values(text).map_err(bad)? {
+            match key {
+                "socket" => socket = Some(PathBuf::from(value)),
+                "num_queues" => {
+                    num_queues = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_DISK_QUEUES).contains(n))
+                        .ok_or_else(|| bad(format!("num_queues={value}: 1 to {MAX_DISK_QUEUES}")))?
+                }
+                "queue_size" => queue_size = parse_queue_size(value).map_err(bad)?,
+                "readonly" => {
+                    readonly = match value {
+                        "on" | "true" => true,
+                        "off" | "false" => false,
+                        _ => return Err(bad(format!("readonly={value}: on or off"))),
+                    }
+                }
+                _ => return Err(bad(format!("unknown option {key:?}"))),
+            }
+        }
+        let socket = socket.ok_or_else(|| bad("socket=PATH is missing".into()))?;
+        Ok(DiskConfig {
+            socket,
+            num_queues,
+            queue_size,
+            readonly,
+        })
+    }
 }
 
 /// The image formats the loader accepts, recognised from their magic bytes.
@@ -59,6 +223,8 @@ pub struct VmConfig {
     pub cmdline: String,
     pub memory_bytes: u64,
     pub vcpus: u8,
+    pub disks: Vec<DiskConfig>,
+    pub nics: Vec<NetConfig>,
 }
 
 #[derive(Debug, Error)]
@@ -89,6 +255,14 @@ pub enum ConfigError {
     VcpusOutOfRange { requested: u16, maximum: u8 },
     #[error("--cmdline must not contain a NUL byte")]
     CmdlineHasNul,
+    #[error("--disk {value}: {problem}")]
+    Disk { value: String, problem: String },
+    #[error("{0} --disk options: at most {MAX_DISKS}")]
+    TooManyDisks(usize),
+    #[error("--net {value}: {problem}")]
+    Net { value: String, problem: String },
+    #[error("{0} --net options: at most {MAX_NICS}")]
+    TooManyNics(usize),
 }
 
 impl TryFrom<Args> for VmConfig {
@@ -144,6 +318,22 @@ impl VmConfig {
         if args.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineHasNul);
         }
+        if args.disk.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks(args.disk.len()));
+        }
+        let disks = args
+            .disk
+            .iter()
+            .map(|text| DiskConfig::parse(text))
+            .collect::<Result<Vec<_>, _>>()?;
+        if args.net.len() > MAX_NICS {
+            return Err(ConfigError::TooManyNics(args.net.len()));
+        }
+        let nics = args
+            .net
+            .iter()
+            .map(|text| NetConfig::parse(text))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(VmConfig {
             kernel: args.kernel,
             kernel_format,
@@ -151,6 +341,8 @@ impl VmConfig {
             cmdline: args.cmdline,
             memory_bytes,
             vcpus,
+            disks,
+            nics,
         })
     }
 }
@@ -309,6 +501,85 @@ mod tests {
         a.initrd = Some(PathBuf::from("/nonexistent/initrd.gz"));
         let err = VmConfig::validate(a, HOST).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/initrd.gz"));
+    }
+
+    #[test]
+    fn disk_options() {
+        let disk = DiskConfig::parse("socket=/run/a.sock").unwrap();
+        assert_eq!(
+            disk,
+            DiskConfig {
+                socket: PathBuf::from("/run/a.sock"),
+                num_queues: 1,
+                queue_size: DEFAULT_QUEUE_SIZE,
+                readonly: false,
+            }
+        );
+        let disk = DiskConfig::parse("num_queues=4,socket=/b,queue_size=1024,readonly=on").unwrap();
+        assert_eq!(
+            (disk.num_queues, disk.queue_size, disk.readonly),
+            (4, 1024, true)
+        );
+        for (bad, says) in [
+            ("num_queues=2", "socket=PATH is missing"),
+            ("socket=", "socket= needs a value"),
+            ("socket=/a,num_queues=0", "num_queues=0"),
+            ("socket=/a,num_queues=65", "num_queues=65"),
+            ("socket=/a,queue_size=100", "power of two"),
+            ("socket=/a,queue_size=65536", "queue_size=65536"),
+            ("socket=/a,readonly=yes", "on or off"),
+            ("socket=/a,cache=none", "unknown option \"cache\""),
+            ("socket=/a,readonly", "not key=value"),
+        ] {
+            let error = DiskConfig::parse(bad).unwrap_err().to_string();
+            assert!(error.contains(says), "{bad}: {error}");
+            assert!(error.starts_with(&format!("--disk {bad}:")), "{error}");
+        }
+    }
+
+    #[test]
+    fn net_options() {
+        let nic = NetConfig::parse("socket=/run/n.sock,mac=52:54:00:ab:CD:01").unwrap();
+        assert_eq!(nic.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 1]));
+        assert_eq!(
+            (nic.num_queue_pairs, nic.queue_size),
+            (1, DEFAULT_QUEUE_SIZE)
+        );
+        let nic = NetConfig::parse("queue_size=512,socket=/n").unwrap();
+        assert_eq!((nic.mac, nic.queue_size), (None, 512));
+        for (bad, says) in [
+            ("mac=52:54:00:00:00:01", "socket=PATH is missing"),
+            ("socket=/n,mac=01:00:5e:00:00:01", "not a unicast MAC"),
+            ("socket=/n,mac=52:54:00:00:00", "not a unicast MAC"),
+            ("socket=/n,mac=52:54:00:00:00:01:02", "not a unicast MAC"),
+            ("socket=/n,num_queue_pairs=17", "1 to 16"),
+            ("socket=/n,num_queue_pairs=0", "1 to 16"),
+            ("socket=/n,queue_size=3", "power of two"),
+            ("socket=/n,readonly=on", "unknown option"),
+        ] {
+            let error = NetConfig::parse(bad).unwrap_err().to_string();
+            assert!(error.contains(says), "{bad}: {error}");
+            assert!(error.starts_with(&format!("--net {bad}:")), "{error}");
+        }
+    }
+
+    #[test]
+    fn disks_are_repeatable_and_validated() {
+        let kernel = bzimage("disks_are_repeatable");
+        let path = kernel.to_str().unwrap();
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["splitvmm", "--kernel", path];
+            argv.extend_from_slice(extra);
+            VmConfig::validate(Args::try_parse_from(argv).unwrap(), HOST)
+        };
+        let config = parse(&["--disk", "socket=/a", "--disk", "socket=/b,readonly=on"]).unwrap();
+        assert_eq!(config.disks.len(), 2);
+        assert!(config.disks[1].readonly);
+        assert!(parse(&[]).unwrap().disks.is_empty());
+        let err = parse(&["--disk", "socket=/a", "--disk", "path=/b"]).unwrap_err();
+        assert!(err.to_string().contains("--disk path=/b"));
+        let many: Vec<&str> = ["--disk", "socket=/x"].repeat(MAX_DISKS + 1);
+        assert!(matches!(parse(&many), Err(ConfigError::TooManyDisks(17))));
     }
 
     #[test]

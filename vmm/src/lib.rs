@@ -1,14 +1,18 @@
 //! splitvmm: a split-process VMM. This crate is the core VMM: CPU and memory virtualization
-//! through KVM, the few platform devices a kernel needs, and (later) the vhost-user frontends
-//! that hand every virtio device to a backend process.
+//! through KVM, the few platform devices a kernel needs, a PCI bus with virtio-pci devices, and
+//! the vhost-user frontends that hand each of those devices to a backend process.
 
 pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod devices;
+pub mod interrupts;
 pub mod memory;
+pub mod pci;
 pub mod terminal;
 pub mod vcpu;
+pub mod vhost_user;
+pub mod virtio;
 pub mod vm;
 
 pub use config::{Args, VmConfig};

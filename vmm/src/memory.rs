@@ -11,6 +11,7 @@ use thiserror::Error;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 use crate::boot::acpi::{ACPI_TABLES_END, ACPI_TABLES_START};
+use crate::pci::{PCI_ECAM_SIZE, PCI_ECAM_START};
 
 /// End of RAM below 4 GiB; from here to 4 GiB is the 32-bit PCI/MMIO hole.
 pub const LOW_RAM_END: u64 = 0xc000_0000;
@@ -129,7 +130,8 @@ pub struct E820Entry {
 }
 
 /// The e820 map: conventional memory below the EBDA, the BIOS area holding the ACPI tables
-/// reserved, RAM from 1 MiB up to the hole, and RAM above 4 GiB when there is any.
+/// reserved, RAM from 1 MiB up to the hole, the PCI ECAM region reserved (Linux uses MMCONFIG
+/// only when firmware reserves it), and RAM above 4 GiB when there is any.
 pub fn e820_map(regions: &[RamRegion]) -> Vec<E820Entry> {
     let mut map = vec![
         E820Entry {
@@ -154,6 +156,12 @@ pub fn e820_map(regions: &[RamRegion]) -> Vec<E820Entry> {
             });
         }
     }
+    map.push(E820Entry {
+        addr: PCI_ECAM_START,
+        size: PCI_ECAM_SIZE,
+        kind: E820_RESERVED,
+    });
+    map.sort_by_key(|entry| entry.addr);
     map
 }
 
@@ -196,8 +204,9 @@ mod tests {
         assert!(map[1].addr <= ACPI_TABLES_START && map[1].addr + map[1].size >= ACPI_TABLES_END);
         assert_eq!(map[2].addr, HIMEM_START);
         assert_eq!(map[2].addr + map[2].size, LOW_RAM_END);
-        assert_eq!(map[3].addr, HIGH_RAM_START);
-        assert_eq!(map[3].size, (4 << 30) - LOW_RAM_END);
+        assert_eq!((map[3].addr, map[3].kind), (PCI_ECAM_START, E820_RESERVED));
+        assert_eq!(map[4].addr, HIGH_RAM_START);
+        assert_eq!(map[4].size, (4 << 30) - LOW_RAM_END);
         // Nothing in the 32-bit hole is RAM.
         for entry in map.iter().filter(|e| e.kind == E820_RAM) {
             let end = entry.addr + entry.size;

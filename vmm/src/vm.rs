@@ -22,9 +22,16 @@ use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::power::AcpiPowerDevice;
 use crate::devices::serial::{self, SerialConsole, COM1_BASE, COM1_GSI, COM1_LEN};
 use crate::devices::GuestExit;
+use crate::interrupts::InterruptRoutes;
 use crate::memory::{GuestRam, MemoryError};
+use crate::pci::host_bridge::HostBridge;
+use crate::pci::{self, PciBarWindow, PciConfigIo, PciConfigMmio, PciError, PciRoot};
 use crate::terminal::RawTerminal;
 use crate::vcpu::{self, Vcpu, VcpuError};
+use crate::vhost_user::VhostUserError;
+use crate::vhost_user::{blk, net};
+use crate::virtio::pci::{TransportError, VirtioPciDevice};
+use crate::virtio::VirtioDevice;
 
 /// KVM needs three pages for the TSS and one for the identity map in guest-physical space
 /// that is not RAM: they sit at the top of the 32-bit hole, below the BIOS area.
@@ -63,6 +70,12 @@ pub enum VmError {
     EventFd(std::io::Error),
     #[error("cannot place a platform device: {0}")]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Backend(#[from] VhostUserError),
+    #[error("cannot place a PCI device: {0}")]
+    Pci(#[from] PciError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("cannot start the console input thread: {0}")]
@@ -150,7 +163,9 @@ pub fn run_machine(
     }
 
     log::debug!("creating the VM");
-    let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
+    // Shared with the PCI devices, which register ioeventfds, irqfds and MSI routes while the
+    // guest runs.
+    let vm = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
     let platform = |what| move |source| VmError::Platform { what, source };
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(platform("the TSS address"))?;
@@ -167,6 +182,12 @@ pub fn run_machine(
     log::debug!("mapping {} MiB of guest RAM", machine.memory_bytes >> 20);
     let ram = GuestRam::new(machine.memory_bytes)?;
     register_ram(&vm, &ram)?;
+    // Every backend must answer before anything of the guest is loaded: a missing or refusing
+    // socket is the VMM's error, not a device the guest finds broken.
+    let devices = match payload {
+        Payload::Linux(config) => connect_devices(config, &ram)?,
+        Payload::RealMode(_) => Vec::new(),
+    };
     let entry = match payload {
         Payload::Linux(config) => boot::load_guest(config, &ram)?,
         Payload::RealMode(code) => boot::load_real_mode(&ram, code)?,
@@ -191,8 +212,32 @@ pub fn run_machine(
         2,
         Arc::new(Mutex::new(AcpiPowerDevice::new(events.clone()))),
     )?;
+    let routes = Arc::new(InterruptRoutes::new(vm.clone()));
+    let pci_root = Arc::new(build_pci(devices, &routes)?);
+    pio.insert(
+        "PCI config ports",
+        pci::PCI_CONFIG_IO_PORT,
+        pci::PCI_CONFIG_IO_LEN,
+        Arc::new(Mutex::new(PciConfigIo::new(pci_root.clone()))),
+    )?;
     let pio = Arc::new(pio);
-    let mmio = Arc::new(Bus::default());
+    let mut mmio = Bus::default();
+    mmio.insert(
+        "PCI ECAM",
+        pci::PCI_ECAM_START,
+        pci::PCI_ECAM_SIZE,
+        Arc::new(Mutex::new(PciConfigMmio::new(pci_root.clone()))),
+    )?;
+    mmio.insert(
+        "PCI BAR window",
+        pci::PCI_MMIO_WINDOW_START,
+        pci::PCI_MMIO_WINDOW_SIZE,
+        Arc::new(Mutex::new(PciBarWindow::new(
+            pci_root,
+            pci::PCI_MMIO_WINDOW_START,
+        ))),
+    )?;
+    let mmio = Arc::new(mmio);
 
     log::debug!("creating {} vCPUs", machine.vcpus);
     let vcpus = (0..machine.vcpus)
@@ -225,6 +270,40 @@ pub fn run_machine(
     drop(vm);
     drop(ram);
     outcome
+}
+
+/// Connects to every disk's and NIC's backend and negotiates, in command-line order (disks
+/// first).
+fn connect_devices(
+    config: &VmConfig,
+    ram: &GuestRam,
+) -> Result<Vec<Box<dyn VirtioDevice>>, VmError> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> =
+        Vec::with_capacity(config.disks.len() + config.nics.len());
+    for (index, disk) in config.disks.iter().enumerate() {
+        log::debug!("disk {index}: connecting to {}", disk.socket.display());
+        devices.push(Box::new(blk::connect(index, disk, ram)?));
+    }
+    for (index, nic) in config.nics.iter().enumerate() {
+        log::debug!("nic {index}: connecting to {}", nic.socket.display());
+        devices.push(Box::new(net::connect(index, nic, ram)?));
+    }
+    Ok(devices)
+}
+
+/// Bus 0: the host bridge in slot 0, then the devices in order.
+fn build_pci(
+    devices: Vec<Box<dyn VirtioDevice>>,
+    routes: &Arc<InterruptRoutes>,
+) -> Result<PciRoot, VmError> {
+    let mut root = PciRoot::default();
+    root.add(Arc::new(Mutex::new(HostBridge::new())))?;
+    for device in devices {
+        let bar = PciRoot::bar_address(root.next_slot());
+        let device = VirtioPciDevice::new(device, bar, routes.clone())?;
+        root.add(Arc::new(Mutex::new(device)))?;
+    }
+    Ok(root)
 }
 
 fn register_ram(vm: &VmFd, ram: &GuestRam) -> Result<(), VmError> {

@@ -4,9 +4,9 @@
 //! parser), and powers off only through ACPI. Like Cloud Hypervisor we describe a
 //! *hardware-reduced* ACPI platform: no PM1/GPE fixed hardware, no SCI, no FACS; sleep control,
 //! sleep status and reset are three registers in one small I/O-port device that the VMM emulates
-//! (`devices::power`). This module owns the tables (RSDP, XSDT, FADT, MADT, DSDT), where they live
-//! in guest memory, the port numbers and values they announce, and the decoding of what the guest
-//! writes to the sleep-control register.
+//! (`devices::power`). This module owns the tables (RSDP, XSDT, FADT, MADT, MCFG, DSDT; the PCI
+//! pieces come from `crate::pci::acpi`), where they live in guest memory, the port numbers and
+//! values they announce, and the decoding of what the guest writes to the sleep-control register.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize::ByteAccess, AddressSpace::SystemIo, GAS};
@@ -19,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use crate::config::MAX_VCPUS;
 use crate::devices::serial::{COM1_BASE, COM1_GSI, COM1_LEN};
+use crate::pci::acpi as pci_acpi;
 
 /// I/O port of the ACPI sleep-control register (1 byte; the guest writes `SLP_EN | SLP_TYP`).
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
@@ -109,8 +110,7 @@ const fn fits(value: u64, max: u64) -> u64 {
 pub struct AcpiConfig {
     /// vCPUs 0..num_vcpus, each with APIC ID = ACPI processor UID = its index.
     pub num_vcpus: u8,
-    // Room for later: a PCI host bridge (its ECAM window for an MCFG, its bus and I/O/MMIO
-    // windows for a PNP0A08 device in the DSDT).
+    // The PCI host bridge (MCFG, `\_SB_.PCI0`) is always there; its layout is `crate::pci`'s.
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,8 +169,11 @@ pub fn create_acpi_tables(
     let dsdt = layout.place("DSDT", create_dsdt())?;
     let fadt = layout.place("FACP", create_fadt(dsdt))?;
     let madt = layout.place("APIC", create_madt(config.num_vcpus))?;
-    // An MCFG for the PCI host bridge's ECAM joins this list when there is one.
-    let xsdt = layout.place("XSDT", create_xsdt(&[fadt, madt]))?;
+    let mcfg = layout.place(
+        "MCFG",
+        pci_acpi::mcfg_bytes(OEM_ID, OEM_TABLE_ID, OEM_REVISION),
+    )?;
+    let xsdt = layout.place("XSDT", create_xsdt(&[fadt, madt, mcfg]))?;
     let rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt));
     layout.tables.push(("RSDP", ACPI_TABLES_START, rsdp));
 
@@ -295,9 +298,9 @@ fn create_dsdt() -> Vec<u8> {
     // \_S5_: {SLP_TYPa, SLP_TYPb}. Hardware-reduced sleep uses SLP_TYPa only.
     let s5 = aml::Package::new(vec![&ACPI_S5_SLP_TYP, &aml::ZERO]);
     aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
-    // Devices go under \_SB_. A PCI host bridge (PNP0A08, _CID PNP0A03, _CRS with its bus and
-    // I/O/MMIO windows) becomes one more child here.
-    aml::Scope::new("\\_SB_".into(), vec![&Com1 as &dyn Aml]).to_aml_bytes(&mut body);
+    // Devices go under \_SB_: COM1 and the PCI host bridge (with its ECAM reservation).
+    let pci = pci_acpi::PciHostBridgeAml;
+    aml::Scope::new("\\_SB_".into(), vec![&Com1 as &dyn Aml, &pci]).to_aml_bytes(&mut body);
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()
 }
@@ -371,7 +374,8 @@ mod tests {
         assert_eq!((sum(&rsdp[0..20]), sum(&rsdp)), (0, 0), "RSDP checksums");
         let xsdt_addr = le(&rsdp, 24, 8);
         let xsdt = table(&mem, xsdt_addr, b"XSDT");
-        assert_eq!(xsdt.len(), 36 + 2 * 8, "XSDT lists FADT and MADT");
+        assert_eq!(xsdt.len(), 36 + 3 * 8, "XSDT lists FADT, MADT and MCFG");
+        table(&mem, le(&xsdt, 52, 8), b"MCFG");
         let (fadt_addr, madt_addr) = (le(&xsdt, 36, 8), le(&xsdt, 44, 8));
         let fadt = table(&mem, fadt_addr, b"FACP");
         let madt = table(&mem, madt_addr, b"APIC");
