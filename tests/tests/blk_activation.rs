@@ -49,7 +49,7 @@ fn serves_the_socket_systemd_passes_and_leaves_its_path_alone() {
     }
     let log = backend.stderr();
     assert!(
-        log.contains("on the socket from systemd"),
+        log.contains("on the inherited socket (LISTEN_FDS)"),
         "splitvmm-blk did not serve the inherited socket:\n{log}"
     );
     assert!(!log.contains("replaced stale socket"), "{log}");

@@ -291,7 +291,7 @@ impl FrontendSource {
             return Ok(FrontendSource::Listen {
                 listener,
                 guard: None,
-                path: "the socket from systemd".to_owned(),
+                path: "the inherited socket (LISTEN_FDS)".to_owned(),
             });
         }
         let socket = config.socket.as_ref().ok_or(RunError::NoSocket)?;
