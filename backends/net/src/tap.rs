@@ -252,7 +252,21 @@ fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
-/// Sets the host side of tap `name`: its MTU, optionally an IPv4 address, and the link up.
+/// The host-side MAC address this backend gives tap `name`: locally administered, unicast, and
+/// the same every time for the same name. The kernel would pick a random one for each new tap,
+/// so after a backend restart the guest's ARP entry for the host would point at the old tap's
+/// address and traffic would stall until ARP gave up on it.
+pub fn stable_host_mac(name: &str) -> [u8; 6] {
+    // FNV-1a: small, fixed, and good enough to tell tap names apart.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let b = hash.to_be_bytes();
+    [0x0a, b[3], b[4], b[5], b[6], b[7]]
+}
+
+/// Sets the host side of tap `name`: a stable MAC address (best effort: a tap that is already
+/// up may refuse it), its MTU, optionally an IPv4 address, and the link up.
 pub fn configure_host(name: &str, mtu: u16, ip: Option<HostIp>) -> Result<(), TapError> {
     let host = |what, source| TapError::Host {
         name: name.to_owned(),
@@ -267,6 +281,19 @@ pub fn configure_host(name: &str, mtu: u16, ip: Option<HostIp>) -> Result<(), Ta
     // SAFETY: a fresh descriptor nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(raw) };
     let fd = sock.as_raw_fd();
+    let mut req = ifreq(name);
+    let mac = stable_host_mac(name);
+    let mut hwaddr = libc::sockaddr {
+        sa_family: libc::ARPHRD_ETHER,
+        sa_data: [0; 14],
+    };
+    for (slot, byte) in hwaddr.sa_data.iter_mut().zip(mac) {
+        *slot = byte as libc::c_char;
+    }
+    req.ifr_ifru.ifru_hwaddr = hwaddr;
+    if let Err(e) = ioctl_ptr(fd, libc::SIOCSIFHWADDR, &mut req) {
+        log::debug!("tap {name}: keeps its MAC address (SIOCSIFHWADDR: {e})");
+    }
     let mut req = ifreq(name);
     req.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
     ioctl_ptr(fd, libc::SIOCSIFMTU, &mut req).map_err(|e| host("SIOCSIFMTU", e))?;
@@ -285,4 +312,18 @@ pub fn configure_host(name: &str, mtu: u16, ip: Option<HostIp>) -> Result<(), Ta
     req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     ioctl_ptr(fd, libc::SIOCSIFFLAGS, &mut req).map_err(|e| host("SIOCSIFFLAGS", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_mac_is_stable_unicast_and_local() {
+        let a = stable_host_mac("svtap0");
+        assert_eq!(a, stable_host_mac("svtap0"));
+        assert_ne!(a, stable_host_mac("svtap1"));
+        assert_eq!(a[0] & 0x01, 0, "unicast");
+        assert_eq!(a[0] & 0x02, 0x02, "locally administered");
+    }
 }
