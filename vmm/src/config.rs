@@ -45,13 +45,13 @@ pub struct Args {
     /// A virtio-blk disk served by a vhost-user backend listening on PATH (repeatable).
     #[arg(
         long,
-        value_name = "socket=PATH[,num_queues=N,queue_size=N,readonly=on]"
+        value_name = "socket=PATH[,num_queues=N,queue_size=N,readonly=on,wait=on,reconnect_ms=N]"
     )]
     pub disk: Vec<String>,
     /// A virtio-net NIC served by a vhost-user backend listening on PATH (repeatable).
     #[arg(
         long,
-        value_name = "socket=PATH[,mac=MAC,num_queue_pairs=N,queue_size=N]"
+        value_name = "socket=PATH[,mac=MAC,num_queue_pairs=N,queue_size=N,wait=on,reconnect_ms=N]"
     )]
     pub net: Vec<String>,
 }
@@ -69,10 +69,45 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     pub num_queue_pairs: u16,
     pub queue_size: u16,
+    pub link: LinkOptions,
+}
+
+/// How a device treats its backend's socket, for `--disk` and `--net` alike.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkOptions {
+    /// `wait=on`: at start, wait for the backend to appear instead of exiting.
+    pub wait: bool,
+    /// `reconnect_ms=N`: how long to keep reconnecting to a backend that hung up before the
+    /// device fails (0: fail at once); `None`: keep trying for as long as the VM runs.
+    pub reconnect_ms: Option<u64>,
+}
+
+impl LinkOptions {
+    /// Takes `key=value` if it is one of the link options; `Ok(false)` when it is not.
+    fn parse_option(&mut self, key: &str, value: &str) -> Result<bool, String> {
+        match key {
+            "wait" => self.wait = parse_on_off(key, value)?,
+            "reconnect_ms" => {
+                self.reconnect_ms = Some(value.parse().map_err(|_| {
+                    format!("reconnect_ms={value}: milliseconds (0: do not reconnect)")
+                })?)
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+fn parse_on_off(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("{key}={value}: on or off")),
+    }
 }
 
 impl NetConfig {
-    /// Parses `socket=PATH[,mac=MAC,num_queue_pairs=N,queue_size=N]`.
+    /// Parses `socket=PATH[,mac=MAC,num_queue_pairs=N,queue_size=N,wait=on,reconnect_ms=N]`.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let bad = |problem: String| ConfigError::Net {
             value: text.to_owned(),
@@ -82,7 +117,11 @@ impl NetConfig {
         let mut mac = None;
         let mut num_queue_pairs = 1u16;
         let mut queue_size = DEFAULT_QUEUE_SIZE;
+        let mut link = LinkOptions::default();
         for (key, value) in key_values(text).map_err(bad)? {
+            if link.parse_option(key, value).map_err(bad)? {
+                continue;
+            }
             match key {
                 "socket" => socket = Some(PathBuf::from(value)),
                 "mac" => {
@@ -111,6 +150,7 @@ impl NetConfig {
             mac,
             num_queue_pairs,
             queue_size,
+            link,
         })
     }
 }
@@ -164,10 +204,11 @@ pub struct DiskConfig {
     pub num_queues: u16,
     pub queue_size: u16,
     pub readonly: bool,
+    pub link: LinkOptions,
 }
 
 impl DiskConfig {
-    /// Parses `socket=PATH[,num_queues=N,queue_size=N,readonly=on|off]`.
+    /// Parses `socket=PATH[,num_queues=N,queue_size=N,readonly=on|off,wait=on,reconnect_ms=N]`.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let bad = |problem: String| ConfigError::Disk {
             value: text.to_owned(),
@@ -177,7 +218,11 @@ impl DiskConfig {
         let mut num_queues = 1u16;
         let mut queue_size = DEFAULT_QUEUE_SIZE;
         let mut readonly = false;
+        let mut link = LinkOptions::default();
         for (key, value) in key_values(text).map_err(bad)? {
+            if link.parse_option(key, value).map_err(bad)? {
+                continue;
+            }
             match key {
                 "socket" => socket = Some(PathBuf::from(value)),
                 "num_queues" => {
@@ -188,13 +233,7 @@ impl DiskConfig {
                         .ok_or_else(|| bad(format!("num_queues={value}: 1 to {MAX_DISK_QUEUES}")))?
                 }
                 "queue_size" => queue_size = parse_queue_size(value).map_err(bad)?,
-                "readonly" => {
-                    readonly = match value {
-                        "on" | "true" => true,
-                        "off" | "false" => false,
-                        _ => return Err(bad(format!("readonly={value}: on or off"))),
-                    }
-                }
+                "readonly" => readonly = parse_on_off(key, value).map_err(bad)?,
                 _ => return Err(bad(format!("unknown option {key:?}"))),
             }
         }
@@ -204,6 +243,7 @@ impl DiskConfig {
             num_queues,
             queue_size,
             readonly,
+            link,
         })
     }
 }
@@ -513,8 +553,22 @@ mod tests {
                 num_queues: 1,
                 queue_size: DEFAULT_QUEUE_SIZE,
                 readonly: false,
+                link: LinkOptions::default(),
             }
         );
+        let disk = DiskConfig::parse("socket=/a,wait=on,reconnect_ms=2500").unwrap();
+        assert_eq!(
+            disk.link,
+            LinkOptions {
+                wait: true,
+                reconnect_ms: Some(2500)
+            }
+        );
+        let nic = NetConfig::parse("socket=/n,reconnect_ms=0,wait=off").unwrap();
+        assert_eq!(nic.link.reconnect_ms, Some(0));
+        assert!(!nic.link.wait);
+        assert!(DiskConfig::parse("socket=/a,wait=maybe").is_err());
+        assert!(NetConfig::parse("socket=/a,reconnect_ms=-1").is_err());
         let disk = DiskConfig::parse("num_queues=4,socket=/b,queue_size=1024,readonly=on").unwrap();
         assert_eq!(
             (disk.num_queues, disk.queue_size, disk.readonly),

@@ -3,8 +3,10 @@
 //! transport supports, plus read-only and multi-queue as configured; the config space is the
 //! backend's, read once with GET_CONFIG, with `num_queues` set to what the VMM announces.
 
-use super::device::{DeviceShape, VhostUserDevice};
-use super::frontend::{Requirements, VhostUserConnection, VhostUserError};
+use super::device::{DeviceShape, LinkSetup, VhostUserDevice};
+use super::frontend::{Requirements, VhostUserError};
+use super::link::Replay;
+use super::reconnect;
 use crate::config::DiskConfig;
 use crate::memory::GuestRam;
 use crate::virtio::{
@@ -27,13 +29,12 @@ pub fn connect(
     disk: &DiskConfig,
     ram: &GuestRam,
 ) -> Result<VhostUserDevice, VhostUserError> {
-    let mut connection = VhostUserConnection::connect(
-        &disk.socket,
-        Requirements {
-            num_queues: disk.num_queues,
-            config: true,
-        },
-    )?;
+    let name = format!("disk {index} ({})", disk.socket.display());
+    let needs = Requirements {
+        num_queues: disk.num_queues,
+        config: true,
+    };
+    let mut connection = reconnect::connect(&name, &disk.socket, needs, disk.link.wait)?;
     let offered = connection.backend_features();
     if disk.num_queues > 1 && offered & (1 << VIRTIO_BLK_F_MQ) == 0 {
         return Err(VhostUserError::MissingFeature {
@@ -47,7 +48,7 @@ pub fn connect(
     config_space[CONFIG_NUM_QUEUES..CONFIG_NUM_QUEUES + 2]
         .copy_from_slice(&disk.num_queues.to_le_bytes());
     let shape = DeviceShape {
-        name: format!("disk {index} ({})", disk.socket.display()),
+        name,
         device_type: VIRTIO_ID_BLOCK,
         num_queues: disk.num_queues,
         queue_size: disk.queue_size,
@@ -55,7 +56,13 @@ pub fn connect(
         config_space,
         enabled_at_start: disk.num_queues,
     };
-    VhostUserDevice::new(shape, connection, ram)
+    // A disk must not lose a request across a backend restart: see link::replay_verdict.
+    let setup = LinkSetup {
+        needs,
+        replay: Replay::EveryRequest,
+        options: disk.link,
+    };
+    VhostUserDevice::new(shape, connection, setup, ram)
 }
 
 /// The features offered to the guest: the backend's device-specific bits and the ring and
@@ -86,6 +93,7 @@ mod tests {
             num_queues,
             queue_size: 256,
             readonly,
+            link: Default::default(),
         }
     }
 

@@ -1,17 +1,20 @@
 //! A virtio device whose rings a vhost-user backend serves: what every such device does the
 //! same way, whatever its type. The VMM owns the feature bits offered to the guest and the
 //! config space (both fixed when it connects); on DRIVER_OK it hands the backend the acked
-//! features, guest RAM and each enabled queue, and on a driver reset it stops the rings.
+//! features, guest RAM and each enabled queue, and on a driver reset it stops the rings. The
+//! backend itself sits behind a [`Link`], which survives the backend restarting.
 
-use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vm_memory::GuestMemoryMmap;
 
-use super::frontend::{VhostUserConnection, VhostUserError};
-use super::watch::spawn_hangup_watcher;
-use crate::memory::{GuestRam, RamRegion};
+use super::frontend::{Requirements, VhostUserConnection, VhostUserError};
+use super::link::{self, lock, Link, Replay, SharedLink, SharedRam};
+use super::reconnect;
+use crate::config::LinkOptions;
+use crate::memory::GuestRam;
 use crate::virtio::{ActiveQueue, DeviceError, VirtioDevice};
 
 /// What the guest sees of the device, decided by the type-specific code.
@@ -28,89 +31,102 @@ pub struct DeviceShape {
     pub enabled_at_start: u16,
 }
 
-/// The control channel, shared with whatever else of the device must send on it (a NIC's
-/// control queue thread).
-pub type SharedConnection = Arc<Mutex<VhostUserConnection>>;
-
-/// Locks the connection; a panic elsewhere while holding it leaves nothing half-sent that
-/// matters more than the panic itself.
-pub fn lock(connection: &SharedConnection) -> MutexGuard<'_, VhostUserConnection> {
-    connection.lock().unwrap_or_else(PoisonError::into_inner)
+/// How the device deals with its backend going away.
+pub struct LinkSetup {
+    pub needs: Requirements,
+    pub replay: Replay,
+    pub options: LinkOptions,
 }
 
 /// What the guest drives through virtio-pci; what the backend does with the rings.
 pub struct VhostUserDevice {
     shape: DeviceShape,
-    connection: SharedConnection,
+    link: SharedLink,
     memory: GuestMemoryMmap,
-    memfd: File,
-    regions: Vec<RamRegion>,
-    /// Queues handed to the backend by the last activation.
-    started: Vec<u16>,
-    /// Set by a failed message or by the hang-up watcher; cleared by nothing (no reconnect).
+    /// Set when the backend cannot be resumed (or a reconnect gave up); read on every status
+    /// poll without the link's lock.
     failed: Arc<AtomicBool>,
 }
 
 impl VhostUserDevice {
-    /// A device on a negotiated `connection`; starts watching it for hang-ups.
+    /// A device on a negotiated `connection`; starts the thread that watches it for hang-ups
+    /// and reconnects.
     pub fn new(
         shape: DeviceShape,
         connection: VhostUserConnection,
+        setup: LinkSetup,
         ram: &GuestRam,
     ) -> Result<Self, VhostUserError> {
-        let setup = |source| VhostUserError::SocketOptions {
-            path: connection.path().to_owned(),
+        let path = connection.path().to_owned();
+        let socket_setup = |source| VhostUserError::SocketOptions {
+            path: path.clone(),
             source,
         };
         let memfd = ram
             .memfd
             .try_clone()
             .map_err(|source| VhostUserError::Memory {
-                path: connection.path().to_owned(),
+                path: path.clone(),
                 source,
             })?;
-        let failed = Arc::new(AtomicBool::new(false));
-        let socket = connection.watch_socket().map_err(setup)?;
-        spawn_hangup_watcher(shape.name.clone(), socket, failed.clone()).map_err(setup)?;
-        Ok(VhostUserDevice {
-            shape,
-            connection: Arc::new(Mutex::new(connection)),
+        let socket = connection.watch_socket().map_err(socket_setup)?;
+        let shared = SharedRam {
             memory: ram.memory.clone(),
             memfd,
             regions: ram.regions.clone(),
-            started: Vec::new(),
+        };
+        let link = Link::new(
+            shape.name.clone(),
+            connection,
+            setup.needs,
+            setup.replay,
+            shared,
+            shape.queue_size,
+        );
+        let failed = link.failed_flag();
+        let link = Arc::new(Mutex::new(link));
+        let give_up = setup.options.reconnect_ms.map(Duration::from_millis);
+        reconnect::spawn(link.clone(), socket, give_up).map_err(socket_setup)?;
+        Ok(VhostUserDevice {
+            shape,
+            link,
+            memory: ram.memory.clone(),
             failed,
         })
     }
 
-    /// The control channel, for device logic that enables and disables rings later.
-    pub fn connection(&self) -> SharedConnection {
-        self.connection.clone()
+    /// The link to the backend, for device logic that enables and disables rings later.
+    pub fn link(&self) -> SharedLink {
+        self.link.clone()
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
     }
 
-    fn start(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), VhostUserError> {
-        let mut connection = lock(&self.connection);
-        connection.set_features(features)?;
-        connection.set_mem_table(&self.memory, &self.memfd, &self.regions)?;
-        for queue in queues {
-            connection.setup_vring(
-                queue.index,
-                &queue.config,
-                &self.memory,
-                queue.kick,
-                queue.call,
-            )?;
-            self.started.push(queue.index);
+    fn start(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), DeviceError> {
+        let mut link = lock(&self.link);
+        let rings = queues
+            .iter()
+            .map(|queue| {
+                link::ring(
+                    link.path(),
+                    queue.index,
+                    queue.config,
+                    queue.kick,
+                    queue.call,
+                    queue.index < self.shape.enabled_at_start,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| DeviceError(error.to_string()))?;
+        if !link.is_connected() {
+            log::info!(
+                "{}: started while its backend is away; the rings go to the next one",
+                self.shape.name
+            );
         }
-        for queue in queues {
-            if queue.index < self.shape.enabled_at_start {
-                connection.enable_vring(queue.index, true)?;
-            }
-        }
+        link.start(features, rings);
         Ok(())
     }
 }
@@ -160,10 +176,7 @@ impl VirtioDevice for VhostUserDevice {
         if self.failed() {
             return Err(DeviceError("the backend failed earlier".into()));
         }
-        self.start(features, queues).map_err(|error| {
-            self.failed.store(true, Ordering::Release);
-            DeviceError(error.to_string())
-        })
+        self.start(features, queues)
     }
 
     fn failed(&self) -> bool {
@@ -171,21 +184,6 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn reset(&mut self) {
-        for index in std::mem::take(&mut self.started) {
-            if self.failed() {
-                break;
-            }
-            let mut connection = lock(&self.connection);
-            let stopped = connection
-                .enable_vring(index, false)
-                .and_then(|()| connection.get_vring_base(index));
-            if let Err(error) = stopped {
-                log::error!(
-                    "{}: cannot stop queue {index}: {error}; the device is marked failed",
-                    self.shape.name
-                );
-                self.failed.store(true, Ordering::Release);
-            }
-        }
+        lock(&self.link).reset();
     }
 }

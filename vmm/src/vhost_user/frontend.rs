@@ -7,6 +7,7 @@
 //! checks message framing, and sizes are checked here.
 
 use std::fs::File;
+use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -70,6 +72,8 @@ pub enum VhostUserError {
         what: &'static str,
         address: u64,
     },
+    #[error("vhost-user backend at {path} answered GET_INFLIGHT_FD with an empty buffer")]
+    EmptyInflight { path: PathBuf },
     #[error("cannot share guest RAM with the vhost-user backend at {path}: {source}")]
     Memory {
         path: PathBuf,
@@ -183,9 +187,12 @@ impl VhostUserConnection {
         if needs.num_queues > 1 && !offered.contains(VhostUserProtocolFeatures::MQ) {
             return Err(self.missing("VHOST_USER_PROTOCOL_F_MQ", "num_queues above 1 needs"));
         }
+        // INFLIGHT_SHMFD: the backend keeps track of what it has fetched in a buffer the VMM
+        // holds, so a restarted backend resubmits it (what makes a block device reconnectable).
         let wanted = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK;
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         self.protocol = offered & wanted;
         self.frontend
             .set_protocol_features(self.protocol)
@@ -213,6 +220,17 @@ impl VhostUserConnection {
     /// The virtio feature bits the backend offered (VHOST_USER_F_PROTOCOL_FEATURES included).
     pub fn backend_features(&self) -> u64 {
         self.backend_features
+    }
+
+    /// The protocol features both sides agreed on.
+    pub fn protocol(&self) -> VhostUserProtocolFeatures {
+        self.protocol
+    }
+
+    /// Whether the backend tracks in-flight requests in a VMM-held buffer (INFLIGHT_SHMFD).
+    pub fn tracks_inflight(&self) -> bool {
+        self.protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     }
 
     /// Runs a message that has no reply of its own with NEED_REPLY when REPLY_ACK was
@@ -285,12 +303,45 @@ impl VhostUserConnection {
         self.acked("SET_MEM_TABLE", |f| f.set_mem_table(&table).map(|_| ()))
     }
 
-    /// SET_VRING_NUM, SET_VRING_BASE (0: a fresh ring), SET_VRING_ADDR (VMM addresses of the
+    /// GET_INFLIGHT_FD: a fresh in-flight buffer for `num_queues` rings of `queue_size`.
+    pub fn get_inflight_fd(
+        &mut self,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<(VhostUserInflight, File), VhostUserError> {
+        let ask = VhostUserInflight::new(0, 0, num_queues, queue_size);
+        let (info, file) = self
+            .frontend
+            .get_inflight_fd(&ask)
+            .map_err(self.message("GET_INFLIGHT_FD"))?;
+        if info.mmap_size == 0 || info.num_queues == 0 || info.queue_size == 0 {
+            return Err(VhostUserError::EmptyInflight {
+                path: self.path.clone(),
+            });
+        }
+        Ok((info, file))
+    }
+
+    /// SET_INFLIGHT_FD: hands the backend the buffer kept since GET_INFLIGHT_FD.
+    pub fn set_inflight_fd(
+        &mut self,
+        info: &VhostUserInflight,
+        file: &File,
+    ) -> Result<(), VhostUserError> {
+        // The crate always waits for the backend's ack of this message.
+        self.frontend
+            .set_inflight_fd(info, file.as_raw_fd())
+            .map_err(self.message("SET_INFLIGHT_FD"))
+    }
+
+    /// SET_VRING_NUM, SET_VRING_BASE (`base`: 0 for a fresh ring, the used index in guest
+    /// memory for a ring a restarted backend takes over), SET_VRING_ADDR (VMM addresses of the
     /// three areas), SET_VRING_KICK and SET_VRING_CALL for one queue.
     pub fn setup_vring(
         &mut self,
         index: u16,
         queue: &QueueConfig,
+        base: u16,
         memory: &GuestMemoryMmap,
         kick: &EventFd,
         call: &EventFd,
@@ -317,7 +368,7 @@ impl VhostUserConnection {
         };
         let i = usize::from(index);
         self.acked("SET_VRING_NUM", |f| f.set_vring_num(i, queue.size))?;
-        self.acked("SET_VRING_BASE", |f| f.set_vring_base(i, 0))?;
+        self.acked("SET_VRING_BASE", |f| f.set_vring_base(i, base))?;
         self.acked("SET_VRING_ADDR", |f| f.set_vring_addr(i, &config))?;
         self.acked("SET_VRING_KICK", |f| f.set_vring_kick(i, kick))?;
         self.acked("SET_VRING_CALL", |f| f.set_vring_call(i, call))?;
@@ -336,6 +387,13 @@ impl VhostUserConnection {
         self.frontend
             .get_vring_base(usize::from(index))
             .map_err(self.message("GET_VRING_BASE"))
+    }
+
+    /// Shuts the socket down both ways: a message that failed half-way leaves the stream out of
+    /// step, and the hang-up watcher wakes on our own shutdown and reconnects.
+    pub fn shut_down(&self) {
+        // Already shut down or gone is what this wants anyway.
+        let _ = self.watch.shutdown(Shutdown::Both);
     }
 
     /// Another handle on the socket, for watching it for hang-ups.

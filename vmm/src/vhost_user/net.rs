@@ -7,9 +7,11 @@
 //! the backend's (GET_CONFIG), with the MAC replaced when `mac=` is given and
 //! `max_virtqueue_pairs` set to what the VMM announces.
 
-use super::device::{DeviceShape, VhostUserDevice};
-use super::frontend::{Requirements, VhostUserConnection, VhostUserError};
+use super::device::{DeviceShape, LinkSetup, VhostUserDevice};
+use super::frontend::{Requirements, VhostUserError};
+use super::link::Replay;
 use super::net_ctrl::{ControlQueue, ControlQueueSetup};
+use super::reconnect;
 use crate::config::NetConfig;
 use crate::memory::GuestRam;
 use crate::virtio::{
@@ -52,13 +54,12 @@ pub fn connect(
     ram: &GuestRam,
 ) -> Result<VhostUserNet, VhostUserError> {
     let num_queues = 2 * nic.num_queue_pairs;
-    let mut connection = VhostUserConnection::connect(
-        &nic.socket,
-        Requirements {
-            num_queues,
-            config: true,
-        },
-    )?;
+    let name = format!("nic {index} ({})", nic.socket.display());
+    let needs = Requirements {
+        num_queues,
+        config: true,
+    };
+    let mut connection = reconnect::connect(&name, &nic.socket, needs, nic.link.wait)?;
     let offered = connection.backend_features();
     if nic.num_queue_pairs > 1 && offered & (1 << VIRTIO_NET_F_MQ) == 0 {
         return Err(VhostUserError::MissingFeature {
@@ -75,7 +76,7 @@ pub fn connect(
     config_space[CONFIG_MAX_PAIRS..CONFIG_MAX_PAIRS + 2]
         .copy_from_slice(&nic.num_queue_pairs.to_le_bytes());
     let shape = DeviceShape {
-        name: format!("nic {index} ({})", nic.socket.display()),
+        name,
         device_type: VIRTIO_ID_NET,
         num_queues,
         queue_size: nic.queue_size,
@@ -86,7 +87,17 @@ pub fn connect(
         enabled_at_start: 2,
     };
     Ok(VhostUserNet {
-        inner: VhostUserDevice::new(shape, connection, ram)?,
+        // Packets lost across a backend restart are the network's ordinary losses.
+        inner: VhostUserDevice::new(
+            shape,
+            connection,
+            LinkSetup {
+                needs,
+                replay: Replay::LossTolerated,
+                options: nic.link,
+            },
+            ram,
+        )?,
         pairs: nic.num_queue_pairs,
         control: None,
     })
@@ -155,7 +166,7 @@ impl VirtioDevice for VhostUserNet {
                 memory: self.inner.memory().clone(),
                 kick: clone(queue.kick)?,
                 call: clone(queue.call)?,
-                connection: self.inner.connection(),
+                link: self.inner.link(),
                 max_pairs: self.pairs,
             };
             let control = ControlQueue::start(setup)
@@ -188,6 +199,7 @@ mod tests {
             mac,
             num_queue_pairs: 1,
             queue_size: 256,
+            link: Default::default(),
         };
         // splitvmm-net's offer: VERSION_1, MAC, STATUS(16), MTU(3), MRG_RXBUF(15), CSUM(0),
         // GUEST_CSUM(1), TSO bits, MQ, EVENT_IDX, PROTOCOL_FEATURES; and CTRL_VQ for the test.

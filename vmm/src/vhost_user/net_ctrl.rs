@@ -12,7 +12,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{lock, SharedConnection};
+use super::link::{lock, SharedLink};
 use crate::virtio::QueueConfig;
 
 const VIRTIO_NET_CTRL_MQ: u8 = 4;
@@ -36,7 +36,7 @@ pub struct ControlQueueSetup {
     pub memory: GuestMemoryMmap,
     pub kick: EventFd,
     pub call: EventFd,
-    pub connection: SharedConnection,
+    pub link: SharedLink,
     pub max_pairs: u16,
 }
 
@@ -145,14 +145,13 @@ fn handle(setup: &ControlQueueSetup, command: &[u8]) -> u8 {
                 log::warn!("{}: driver asked for {pairs} queue pairs", setup.name);
                 return VIRTIO_NET_ERR;
             }
-            let mut connection = lock(&setup.connection);
+            // Remembered by the link for a restarted backend; a failed message there means a
+            // reconnect, not a refused command.
+            let mut link = lock(&setup.link);
             for pair in 0..setup.max_pairs {
                 let enable = pair < pairs;
                 for queue in [2 * pair, 2 * pair + 1] {
-                    if let Err(error) = connection.enable_vring(queue, enable) {
-                        log::error!("{}: {error}", setup.name);
-                        return VIRTIO_NET_ERR;
-                    }
+                    link.enable_vring(queue, enable);
                 }
             }
             log::info!(
@@ -179,6 +178,7 @@ mod tests {
 
     use super::*;
     use crate::vhost_user::frontend::{Requirements, VhostUserConnection};
+    use crate::vhost_user::link::{Link, Replay, SharedRam};
 
     const GET_FEATURES: u32 = 1;
     const GET_PROTOCOL_FEATURES: u32 = 15;
@@ -244,7 +244,18 @@ mod tests {
             memory: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap(),
             kick: EventFd::new(0).unwrap(),
             call: EventFd::new(0).unwrap(),
-            connection: Arc::new(Mutex::new(connection)),
+            link: Arc::new(Mutex::new(Link::new(
+                "nic".into(),
+                connection,
+                needs,
+                Replay::LossTolerated,
+                SharedRam {
+                    memory: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap(),
+                    memfd: std::fs::File::open("/dev/null").unwrap(),
+                    regions: Vec::new(),
+                },
+                64,
+            ))),
             max_pairs: 2,
         };
         assert_eq!(
