@@ -2,6 +2,7 @@
 //! table. `scripts/bench SUBCOMMAND` sets up the images and static binaries and runs one.
 //!
 //! - [`boot`] — time from starting the VMM to the guest's init, and the VMM's memory overhead.
+//! - [`stack`] — the same guest's disk I/O through the whole stack under splitvmm and QEMU.
 //! - [`probe`] — the measuring half that runs in the lane's host next to each VMM (it is the
 //!   same binary, built statically, in `probe` mode).
 //! - [`stats`] — medians and the table helpers the benchmarks share.
@@ -9,6 +10,7 @@
 pub mod blk;
 pub mod boot;
 pub mod probe;
+pub mod stack;
 pub mod stats;
 
 use crate::lane::LaneError;
