@@ -209,7 +209,11 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let tap = TapSet::open(&config)?;
     tap.start_watcher()?;
     let (listener, _socket_guard, path) = match (inherited, own_socket) {
-        (Some(listener), _) => (listener, None, "the inherited socket (LISTEN_FDS)".to_owned()),
+        (Some(listener), _) => (
+            listener,
+            None,
+            "the inherited socket (LISTEN_FDS)".to_owned(),
+        ),
         (None, Some(path)) => {
             let (listener, guard) = socket::listen(path)?;
             (listener, Some(guard), path.display().to_string())
