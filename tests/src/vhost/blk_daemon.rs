@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::process::{BackendProcess, ProcessError, TempDir};
+use super::process::{workspace_binary, BackendProcess, ProcessError, TempDir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlkDaemonError {
@@ -75,20 +75,8 @@ impl Default for BlkDaemonOptions {
 
 /// The `splitvmm-blk` binary the tests run.
 pub fn blk_binary() -> Result<PathBuf, BlkDaemonError> {
-    let path = match std::env::var_os("SPLITVMM_BLK") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let exe = std::env::current_exe().map_err(BlkDaemonError::CurrentExe)?;
-            // target/<profile>/deps/<test binary>: the bins are one folder up from deps.
-            let deps = exe.parent().unwrap_or(Path::new("."));
-            let profile = if deps.ends_with("deps") {
-                deps.parent().unwrap_or(deps)
-            } else {
-                deps
-            };
-            profile.join("splitvmm-blk")
-        }
-    };
+    let path =
+        workspace_binary("splitvmm-blk", "SPLITVMM_BLK").map_err(BlkDaemonError::CurrentExe)?;
     if path.is_file() {
         Ok(path)
     } else {

@@ -92,6 +92,23 @@ pub struct BackendProcess {
     stderr_path: PathBuf,
 }
 
+/// Where a workspace binary the tests run lives: `$env_var` when set, else `name` in the cargo
+/// target folder the running test binary lives in (`target/<profile>/deps/<test>` →
+/// `target/<profile>/<name>`). Whether it exists is the caller's to check.
+pub fn workspace_binary(name: &str, env_var: &str) -> std::io::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env_var) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    let deps = exe.parent().unwrap_or(Path::new("."));
+    let profile = if deps.ends_with("deps") {
+        deps.parent().unwrap_or(deps)
+    } else {
+        deps
+    };
+    Ok(profile.join(name))
+}
+
 impl BackendProcess {
     /// Starts `cmd` (stdin /dev/null, stdout and stderr into `{name}.out` / `{name}.err` in
     /// `dir`) and waits until `socket` exists, failing early if the process exits.

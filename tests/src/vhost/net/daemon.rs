@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::vhost::blk_daemon::ProcUsage;
-use crate::vhost::process::{BackendProcess, ProcessError, TempDir};
+use crate::vhost::process::{workspace_binary, BackendProcess, ProcessError, TempDir};
 
 use super::netns::{NetNs, NetNsError};
 
@@ -67,19 +67,8 @@ impl Default for NetDaemonOptions {
 
 /// The `splitvmm-net` binary the tests run.
 pub fn net_binary() -> Result<PathBuf, NetDaemonError> {
-    let path = match std::env::var_os("SPLITVMM_NET") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let exe = std::env::current_exe().map_err(NetDaemonError::CurrentExe)?;
-            let deps = exe.parent().unwrap_or(Path::new("."));
-            let profile = if deps.ends_with("deps") {
-                deps.parent().unwrap_or(deps)
-            } else {
-                deps
-            };
-            profile.join("splitvmm-net")
-        }
-    };
+    let path =
+        workspace_binary("splitvmm-net", "SPLITVMM_NET").map_err(NetDaemonError::CurrentExe)?;
     if path.is_file() {
         Ok(path)
     } else {
