@@ -163,7 +163,11 @@ impl Vcpu {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VcpuError::SupportedCpuid)?;
-        let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+        // Off on purpose: in the nested lane a 2-vCPU guest using TSC-deadline mode stalled
+        // with "rcu: timer wakeup didn't happen ... Possible timer handling issue on cpu=1"
+        // (a scripts/test run of vmm_disk); one-shot LAPIC mode had run cleanly for weeks.
+        // Re-enable (KVM has Cap::TscDeadlineTimer) once that is understood.
+        let tsc_deadline = false;
         fd.set_cpuid2(&vcpu_cpuid(&supported, index, tsc_deadline))
             .map_err(setup("CPUID"))?;
 
